@@ -1,0 +1,407 @@
+"""The OpenAI-compatible API as a Flask blueprint.
+
+Views are synchronous. Every llama.cpp call runs in a native thread through
+the app's :class:`~.threads.Runner`; a streaming view returns the generator
+from :mod:`.stream`, which interleaves heartbeats while the model works.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask.sansio.blueprints import BlueprintSetupState
+from llama_cpp.llama_grammar import LlamaGrammar
+
+from . import errors, responses, schemas, stream
+from .config import DEFAULTS, Settings, load_settings
+from .errors import APIError
+from .pool import Model, Pool
+from .threads import Runner
+
+EXTENSION = "wsgi_llama"
+
+
+@dataclass
+class Server:
+    """What the blueprint keeps on the app, as ``app.extensions["wsgi_llama"]``."""
+
+    settings: Settings
+    pool: Pool
+    runner: Runner
+
+
+def create_blueprint(
+    name: str = "wsgi_llama", url_prefix: str | None = None
+) -> Blueprint:
+    """The API as a blueprint; registering it loads the models the app's config names.
+
+    Models load when the blueprint is registered, so a bad setting stops the
+    app there, with a :class:`~.config.ConfigError` naming the key.
+    """
+    bp = Blueprint(name, __name__, url_prefix=url_prefix)
+    bp.record_once(_setup)
+    bp.before_request(_guard)
+    bp.after_request(_cors)
+    errors.register(bp)
+
+    bp.get("/health")(health)
+    bp.get("/v1/models")(list_models)
+    bp.get("/v1/models/<path:model_id>")(get_model)
+    bp.post("/v1/completions")(completions)
+    bp.post("/v1/chat/completions")(chat_completions)
+    bp.post("/v1/embeddings")(embeddings)
+    bp.post("/extras/tokenize")(tokenize)
+    bp.post("/extras/tokenize/count")(tokenize_count)
+    bp.post("/extras/detokenize")(detokenize)
+    return bp
+
+
+def _setup(state: BlueprintSetupState) -> None:
+    app: Flask = state.app
+    settings = load_settings({**DEFAULTS, **app.config})
+    app.extensions[EXTENSION] = Server(settings, Pool.load(settings), Runner())
+
+
+def _server() -> Server:
+    return current_app.extensions[EXTENSION]
+
+
+def _guard() -> Response | None:
+    settings = _server().settings
+    if request.method == "OPTIONS" and settings.cors_origins:
+        return current_app.make_default_options_response()
+    request.max_content_length = settings.max_request_bytes
+    if settings.api_keys and request.endpoint != f"{request.blueprint}.health":
+        _authenticate(settings.api_keys)
+    return None
+
+
+def _authenticate(keys: tuple[str, ...]) -> None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise APIError(
+            "Missing API key: send 'Authorization: Bearer <key>'.",
+            401,
+            code="invalid_api_key",
+            type="invalid_request_error",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    supplied = given.strip().encode()
+    matched = False
+    for key in keys:  # no early exit: the time taken says nothing of the keys
+        matched |= hmac.compare_digest(supplied, key.encode())
+    if not matched:
+        raise APIError(
+            "Incorrect API key provided.",
+            401,
+            code="invalid_api_key",
+            type="invalid_request_error",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _cors(response: Response) -> Response:
+    origins = _server().settings.cors_origins
+    origin = request.headers.get("Origin")
+    if origin and origins and ("*" in origins or origin in origins):
+        response.headers["Access-Control-Allow-Origin"] = (
+            "*" if "*" in origins else origin
+        )
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.vary.add("Origin")
+    return response
+
+
+def health() -> Response:
+    return jsonify({"status": "ok"})
+
+
+def list_models() -> Response:
+    models = _server().pool.models.values()
+    return jsonify({"object": "list", "data": [m.describe() for m in models]})
+
+
+def get_model(model_id: str) -> Response:
+    pool = _server().pool
+    if model_id not in pool.models:
+        raise APIError(
+            f"The model {model_id!r} does not exist.", 404, code="model_not_found"
+        )
+    return jsonify(pool.models[model_id].describe())
+
+
+def completions() -> Response:
+    body = schemas.parse(schemas.CompletionRequest, request.get_data())
+    server = _server()
+    model = server.pool.get(body.model)
+    kwargs = _sampling(body, model, server.settings.max_tokens)
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        model.check_tokens(prompt, "prompt")
+        n_prompt = len(prompt)
+    else:
+        n_prompt = len(_tokenize(server, model, prompt))
+    _check_context(model, n_prompt)
+    kwargs.update(
+        prompt=prompt, suffix=body.suffix, echo=body.echo, logprobs=body.logprobs
+    )
+    logits = model.llama.all_logits if body.logprobs is not None else nullcontext
+    call = model.llama.create_completion
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(
+            server,
+            body,
+            model,
+            lambda: call(**kwargs, stream=True),
+            lambda chunk: responses.completion_chunk(chunk, include_usage),
+            include_usage,
+            logits,
+        )
+    result = _run(server, model, lambda: call(**kwargs), logits)
+    return jsonify(responses.completion(result))
+
+
+def chat_completions() -> Response:
+    body = schemas.parse(schemas.ChatCompletionRequest, request.get_data())
+    server = _server()
+    model = server.pool.get(body.model)
+    if body.max_completion_tokens is not None:
+        body.max_tokens = body.max_completion_tokens
+    kwargs = _sampling(body, model, server.settings.max_tokens)
+    messages = [message.to_llama() for message in body.messages]
+    # A lower bound of the templated prompt: catches most prompts that are too
+    # long while a 400 can still be sent; llama.cpp catches the rest.
+    text = "".join(m["content"] or "" for m in messages)
+    _check_context(model, len(_tokenize(server, model, text, add_bos=False)))
+    kwargs.update(
+        messages=messages,
+        response_format=body.response_format.to_llama()
+        if body.response_format
+        else None,
+        tools=[tool.model_dump(exclude_none=True) for tool in body.tools or []] or None,
+        tool_choice=body.tool_choice,
+        functions=[f.model_dump(exclude_none=True) for f in body.functions or []]
+        or None,
+        function_call=body.function_call,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs,
+    )
+    logits = model.llama.all_logits if body.logprobs else nullcontext
+    call = model.llama.create_chat_completion
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(
+            server,
+            body,
+            model,
+            lambda: call(**kwargs, stream=True),
+            lambda chunk: responses.chat_chunk(chunk, include_usage),
+            include_usage,
+            logits,
+        )
+    result = _run(server, model, lambda: call(**kwargs), logits)
+    return jsonify(responses.chat_completion(result))
+
+
+def embeddings() -> Response:
+    body = schemas.parse(schemas.EmbeddingRequest, request.get_data())
+    server = _server()
+    model = server.pool.get(body.model)
+    if not model.embedding:
+        raise APIError(
+            f"The model {model.alias!r} was not loaded for embeddings; "
+            "set 'embedding: true' for it in the config file.",
+            param="model",
+        )
+    inputs = body.input if isinstance(body.input, list) else [body.input]
+    for i, item in enumerate(inputs):
+        if isinstance(item, list):
+            model.check_tokens(item, f"input[{i}]")
+        elif isinstance(item, int):
+            model.check_tokens([item], "input")
+    result = _run(
+        server,
+        model,
+        lambda: model.llama.create_embedding(body.input, model=model.alias),
+        nullcontext,
+    )
+    return jsonify(result)
+
+
+def tokenize() -> Response:
+    body = schemas.parse(schemas.TokenizeRequest, request.get_data())
+    server = _server()
+    model = server.pool.get(body.model)
+    return jsonify({"tokens": _tokenize(server, model, body.input)})
+
+
+def tokenize_count() -> Response:
+    body = schemas.parse(schemas.TokenizeRequest, request.get_data())
+    server = _server()
+    model = server.pool.get(body.model)
+    return jsonify({"count": len(_tokenize(server, model, body.input))})
+
+
+def detokenize() -> Response:
+    body = schemas.parse(schemas.DetokenizeRequest, request.get_data())
+    server = _server()
+    model = server.pool.get(body.model)
+    model.check_tokens(body.tokens, "tokens")
+    text = server.runner.call(model.llama.detokenize, body.tokens)
+    return jsonify({"text": text.decode("utf-8", errors="replace")})
+
+
+def _tokenize(
+    server: Server, model: Model, text: str, add_bos: bool = True
+) -> list[int]:
+    # Vocabulary look-ups only: safe beside a generation, so no queue.
+    return server.runner.call(
+        model.llama.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True
+    )
+
+
+def _check_context(model: Model, n_prompt: int) -> None:
+    if n_prompt >= model.n_ctx:
+        raise APIError(
+            f"This model's context is {model.n_ctx} tokens; the prompt has "
+            f"{n_prompt}. Shorten the prompt.",
+            param="messages" if request.path.endswith("chat/completions") else "prompt",
+            code="context_length_exceeded",
+        )
+
+
+def _sampling(body: schemas.Sampling, model: Model, cap: int | None) -> dict[str, Any]:
+    """llama-cpp-python keyword arguments for the fields both endpoints share."""
+    model.check_tokens(body.bias_tokens(), "logit_bias")
+    max_tokens = body.max_tokens or None  # llama-cpp-python: None runs to n_ctx
+    if cap is not None:
+        max_tokens = min(max_tokens or cap, cap)
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    kwargs: dict[str, Any] = {
+        "model": model.alias,
+        "max_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "typical_p": body.typical_p,
+        "repeat_penalty": body.repeat_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "mirostat_mode": body.mirostat_mode,
+        "mirostat_tau": body.mirostat_tau,
+        "mirostat_eta": body.mirostat_eta,
+        "stop": [s for s in stop if s],  # "" would match at once
+        "seed": body.seed,
+        "logit_bias": body.logit_bias,
+    }
+    if body.grammar:
+        kwargs["grammar"] = _grammar(body.grammar)
+    return kwargs
+
+
+def _grammar(text: str) -> LlamaGrammar:
+    try:
+        return LlamaGrammar.from_string(text, verbose=False)
+    except Exception as exc:
+        raise APIError(f"Invalid grammar: {exc}", param="grammar") from None
+
+
+def _run(
+    server: Server,
+    model: Model,
+    call: Callable[[], Any],
+    logits: Callable[[], Any],
+) -> Any:
+    """Run one whole llama.cpp call in the model's turn, in a native thread."""
+    settings = server.settings
+    ticket = model.queue.enter(model.alias)
+    try:
+        if not ticket.wait(settings.queue_timeout):
+            raise APIError(
+                f"Waited {settings.queue_timeout:g} s in the queue for model "
+                f"{model.alias!r}; retry later.",
+                503,
+                code="queue_timeout",
+                headers={"Retry-After": "1"},
+            )
+        with logits():
+            try:
+                return server.runner.call(call)
+            except Exception as exc:
+                raise llama_error(exc, model) from exc
+    finally:
+        ticket.leave()
+
+
+def _stream(
+    server: Server,
+    body: schemas.Sampling,
+    model: Model,
+    start: Callable[[], Iterator[dict[str, Any]]],
+    shape: Callable[[dict[str, Any]], dict[str, Any]],
+    include_usage: bool,
+    logits: Callable[[], Any],
+) -> Response:
+    settings = server.settings
+    last: dict[str, Any] = {}
+
+    def remember(chunk: dict[str, Any]) -> dict[str, Any]:
+        last.update(chunk)
+        return shape(chunk)
+
+    def final() -> dict[str, Any] | None:
+        if not include_usage or not last:
+            return None
+        return responses.usage_chunk(last, model.llama)
+
+    model.queue.check_room(model.alias)  # a 503 now, while it can be a status
+    job = stream.Job(
+        model=model,
+        start=start,
+        shape=remember,
+        final=final,
+        logits=logits,
+    )
+    generator = stream.events(
+        job,
+        server.runner,
+        _ping_interval(body, settings),
+        settings.queue_timeout,
+        lambda exc: llama_error(exc, model),
+    )
+    return Response(
+        generator,
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _ping_interval(body: schemas.Sampling, settings: Settings) -> float:
+    """The server's interval, or the request's own (<= 0: off), within limits."""
+    requested = body.sse_ping_interval
+    if requested is None:
+        return settings.ping_interval
+    if requested <= 0:
+        return 0.0
+    return max(requested, settings.min_ping_interval)
+
+
+def llama_error(exc: Exception, model: Model) -> APIError:
+    """An exception from llama-cpp-python as the error a client should see."""
+    if isinstance(exc, APIError):
+        return exc
+    message = str(exc)
+    if isinstance(exc, ValueError) and "exceed context window" in message:
+        return APIError(
+            f"This model's context is {model.n_ctx} tokens: {message}.",
+            code="context_length_exceeded",
+        )
+    return errors.from_exception(exc)

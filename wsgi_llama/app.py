@@ -1,0 +1,32 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from . import errors
+from .api import create_blueprint
+from .config import DEFAULTS, from_environ
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the standalone server.
+
+    :param config: ``LLAMA_*`` keys (see README.rst); when None, they are read
+        from environment variables of the same names.
+    :raises ConfigError: a setting is invalid; the message names the key.
+    """
+    app = Flask("wsgi_llama")
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_mapping(from_environ() if config is None else config)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Unknown routes and methods get OpenAI-shaped errors too.
+    errors.register(app)
+    app.register_blueprint(create_blueprint())
+    if not logging.getLogger("wsgi_llama").handlers:
+        logging.getLogger("wsgi_llama").setLevel(logging.INFO)
+    return app

@@ -1,0 +1,210 @@
+"""The model pool: loaded models, and the fair queue in front of each.
+
+One llama.cpp context generates for one request at a time; the others wait
+in FIFO order. Nothing interrupts a running request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from .config import ConfigError, ModelSettings, Settings
+from .errors import APIError
+
+
+class Llama(llama_cpp.Llama):
+    """llama-cpp-python's model, counting tokens and keeping logits on demand."""
+
+    prompt_tokens = 0
+    completion_tokens = 0
+
+    def generate(
+        self, tokens: Sequence[int], *args: Any, **kwargs: Any
+    ) -> Iterator[int]:  # type: ignore[override]
+        # Streamed chunks carry no usage; count it here for include_usage.
+        self.prompt_tokens = len(tokens)
+        self.completion_tokens = 0
+        vocab = self._model.vocab
+        inner = super().generate(tokens, *args, **kwargs)
+        try:
+            for token in inner:
+                if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                    self.completion_tokens += 1
+                yield token
+        finally:
+            inner.close()
+
+    @contextmanager
+    def all_logits(self) -> Iterator[None]:
+        """Keep logits for every token while the block runs (for logprobs).
+
+        They cost a row of n_vocab floats per token, so they are kept only for
+        requests that ask. The KV cache is reset on entry and exit because a
+        cached prefix has no logits to reuse.
+        """
+        if self._logits_all:
+            yield
+            return
+        small = self.scores
+        self.scores = np.ndarray((self._n_ctx, self._n_vocab), dtype=np.single)
+        self._logits_all = True
+        self.reset()
+        try:
+            yield
+        finally:
+            self._logits_all = False
+            self.scores = small
+            self.reset()
+
+
+class QueueFull(APIError):
+    def __init__(self, alias: str) -> None:
+        super().__init__(
+            f"The queue for model {alias!r} is full; retry shortly.",
+            503,
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+
+
+class Ticket:
+    """A place in a model's queue; :meth:`wait` returns True once it is our turn."""
+
+    def __init__(self, queue: FairQueue, event: Any) -> None:
+        self._queue = queue
+        self._event = event
+        self._left = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event is None or bool(self._event.wait(timeout))
+
+    def leave(self) -> None:
+        """Give up the place, or the model if it was ours. Idempotent."""
+        if not self._left:
+            self._left = True
+            self._queue._leave(self)
+
+
+class FairQueue:
+    """A FIFO lock for greenlets and threads alike.
+
+    Waiters' events are made when they arrive, so under gevent they are
+    gevent's events even when the pool was built before monkey-patching.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._mutex = threading.Lock()
+        self._waiters: deque[Ticket] = deque()
+        self._busy = False
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def check_room(self, alias: str) -> None:
+        """Raise :class:`QueueFull` if a request arriving now would be turned away."""
+        if self._busy and len(self._waiters) >= self.limit:
+            raise QueueFull(alias)
+
+    def enter(self, alias: str) -> Ticket:
+        with self._mutex:
+            if not self._busy:
+                self._busy = True
+                return Ticket(self, None)
+            self.check_room(alias)
+            ticket = Ticket(self, threading.Event())
+            self._waiters.append(ticket)
+            return ticket
+
+    def _leave(self, ticket: Ticket) -> None:
+        with self._mutex:
+            if ticket in self._waiters and not ticket.wait(0):
+                self._waiters.remove(ticket)
+                return
+            if self._waiters:
+                self._waiters.popleft()._event.set()
+            else:
+                self._busy = False
+
+
+class Model:
+    """A loaded model, its queue and the facts requests are checked against."""
+
+    def __init__(self, settings: ModelSettings, queue_size: int) -> None:
+        self.alias = settings.alias
+        self.path = settings.path
+        self.options = settings.options
+        try:
+            self.llama = Llama(model_path=str(settings.path), **settings.options)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise ConfigError(
+                f"model {settings.alias!r}",
+                f"cannot load {str(settings.path)!r}: {exc}",
+            ) from None
+        self.queue = FairQueue(queue_size)
+        self.created = int(settings.path.stat().st_mtime)
+        self.n_ctx = self.llama.n_ctx()
+        self.n_vocab = self.llama.n_vocab()
+        self.embedding = bool(settings.options.get("embedding"))
+
+    def check_tokens(self, tokens: Iterable[int], param: str) -> None:
+        """Reject token ids outside the vocabulary: llama.cpp aborts the process."""
+        for token in tokens:
+            if not 0 <= token < self.n_vocab:
+                raise APIError(
+                    f"Token id {token} is out of range: this model's vocabulary "
+                    f"has ids 0 to {self.n_vocab - 1}.",
+                    param=param,
+                    code="invalid_token_id",
+                )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.alias,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "wsgi-llama",
+        }
+
+
+class Pool:
+    """The models an app serves, by alias."""
+
+    def __init__(self, models: Sequence[Model]) -> None:
+        self.models = {model.alias: model for model in models}
+        self.started = time.time()
+
+    @classmethod
+    def load(cls, settings: Settings) -> Pool:
+        return cls([Model(m, settings.queue_size) for m in settings.models])
+
+    def get(self, name: Any) -> Model:
+        """The model a request names; with a single model, any name gets it."""
+        if len(self.models) == 1:
+            return next(iter(self.models.values()))
+        if isinstance(name, str) and name in self.models:
+            return self.models[name]
+        if not name:
+            raise APIError(
+                "This server has several models; say which one in 'model': "
+                + ", ".join(self.models),
+                param="model",
+            )
+        raise APIError(
+            f"The model {name!r} does not exist. Available: " + ", ".join(self.models),
+            404,
+            param="model",
+            code="model_not_found",
+        )
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.llama.close()

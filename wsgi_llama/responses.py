@@ -1,0 +1,78 @@
+"""Shaping llama-cpp-python's results into what OpenAI's schemas require.
+
+llama-cpp-python leaves out fields the schemas mark required-but-nullable
+(``refusal`` on messages, ``logprobs`` on choices) and reports no usage when
+streaming; strict clients and validators reject that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .pool import Llama
+
+
+def usage(llama: Llama) -> dict[str, int]:
+    """Token counts of the generation that just ran on *llama*."""
+    return {
+        "prompt_tokens": llama.prompt_tokens,
+        "completion_tokens": llama.completion_tokens,
+        "total_tokens": llama.prompt_tokens + llama.completion_tokens,
+    }
+
+
+def completion(result: dict[str, Any]) -> dict[str, Any]:
+    for choice in result["choices"]:
+        choice.setdefault("logprobs", None)
+        if choice.get("finish_reason") is None:
+            choice["finish_reason"] = "stop"
+    return result
+
+
+def chat_completion(result: dict[str, Any]) -> dict[str, Any]:
+    for choice in result["choices"]:
+        message = choice["message"]
+        message.setdefault("content", None)
+        message.setdefault("refusal", None)
+        if not message.get("tool_calls"):
+            message.pop("tool_calls", None)
+        if message.get("function_call") is None:
+            message.pop("function_call", None)
+        choice.setdefault("logprobs", None)
+        if choice.get("finish_reason") is None:
+            choice["finish_reason"] = "stop"
+    return result
+
+
+def chat_chunk(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+    for choice in chunk["choices"]:
+        choice.setdefault("logprobs", None)
+        choice.setdefault("finish_reason", None)
+        delta = choice.get("delta", {})
+        if delta.get("function_call") is None:
+            delta.pop("function_call", None)
+        if delta.get("tool_calls") is None:
+            delta.pop("tool_calls", None)
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_chunk(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+    for choice in chunk["choices"]:
+        choice.setdefault("logprobs", None)
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(last: dict[str, Any], llama: Llama) -> dict[str, Any]:
+    """The extra last chunk ``stream_options.include_usage`` asks for."""
+    return {
+        "id": last["id"],
+        "object": last["object"],
+        "created": last["created"],
+        "model": last["model"],
+        "choices": [],
+        "usage": usage(llama),
+    }

@@ -1,0 +1,219 @@
+"""Request bodies, validated before any model sees them.
+
+Field names and defaults follow llama-cpp-python's server, so its clients
+work unchanged; unknown fields are ignored, as OpenAI clients send many.
+Validation errors become 400s that name the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import APIError
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenId = Annotated[int, Field(strict=True)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class Sampling(Body):
+    """The fields both generation endpoints share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_p: Probability = 0.95
+    top_k: int = Field(default=40, ge=0)
+    min_p: Probability = 0.05
+    typical_p: Probability = 1.0
+    repeat_penalty: float = Field(default=1.1, ge=0.0)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    mirostat_mode: int = Field(default=0, ge=0, le=2)
+    mirostat_tau: float = Field(default=5.0, ge=0.0)
+    mirostat_eta: float = Field(default=0.1, ge=0.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**32)
+    logit_bias: dict[str, float] | None = None
+    grammar: str | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    sse_ping_interval: float | None = None
+    user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be between -100 and 100, got {bias}")
+        return value
+
+    def bias_tokens(self) -> list[int]:
+        return [int(key) for key in self.logit_bias or {}]
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[TokenId] = ""
+    suffix: str | None = None
+    max_tokens: int | None = Field(default=16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    best_of: int = Field(default=1, ge=1, le=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) > 1:
+                raise ValueError("only one prompt per request is supported")
+            return value[0]
+        return value
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(Body):
+    name: str
+    arguments: str
+
+
+class ToolCall(Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def to_llama(self) -> dict[str, Any]:
+        """The message as llama-cpp-python's chat templates expect it."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message = self.model_dump(exclude_none=True)
+        message["content"] = content
+        if self.role == "developer":  # templates predate this role
+            message["role"] = "system"
+        return message
+
+
+class FunctionDefinition(Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class JSONSchemaFormat(Body):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    def to_llama(self) -> dict[str, Any] | None:
+        """llama-cpp-python's form: a JSON object, optionally with a schema."""
+        if self.type == "text":
+            return None
+        schema = self.schema_
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            schema = self.json_schema.schema_
+        fmt: dict[str, Any] = {"type": "json_object"}
+        if schema is not None:
+            fmt["schema"] = schema
+        return fmt
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+
+
+class EmbeddingRequest(Body):
+    model: str | None = None
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None
+
+
+class TokenizeRequest(Body):
+    model: str | None = None
+    input: str
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+def parse(model: type[B], raw: bytes) -> B:
+    """Parse a request body; any fault is a 400 naming the field."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise APIError(
+            f"The body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise APIError("The body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = _param(error["loc"])
+        raise APIError(
+            f"Invalid value for '{param}': {error['msg']}", param=param
+        ) from None
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    """pydantic's error location in OpenAI's form, e.g. ``messages[0].role``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in {"str", "list[str]", "list[int]"} or "[" in str(part):
+            continue  # the union member pydantic tried, not a field
+        else:
+            text += f".{part}" if text else str(part)
+    return text

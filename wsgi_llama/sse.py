@@ -1,0 +1,74 @@
+"""Server-Sent Events framing and heartbeats.
+
+A heartbeat is a comment frame (``: ping``): standard SSE parsers ignore it,
+while proxies and clients with idle timeouts see bytes on the wire. Some
+OpenAI clients choke on comments all the same, so an interval of 0 sends none.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+PING = b": ping\n\n"
+DONE = b"data: [DONE]\n\n"
+
+# The SSE line terminators; str.splitlines() would also split on \x0b, \x1c,
+# U+2028 and others, which SSE treats as ordinary characters.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+class ServerSentEvent:
+    """One SSE message, serialised exactly as the specification parses it."""
+
+    def __init__(
+        self, data: str, event: str | None = None, id: str | None = None
+    ) -> None:
+        self.data = data
+        self.event = event
+        self.id = id
+
+    def encode(self) -> bytes:
+        lines = []
+        if self.event is not None:
+            lines.append(f"event: {self.event}")
+        if self.id is not None:
+            lines.append(f"id: {self.id}")
+        lines.extend(f"data: {line}" for line in _LINE_BREAK.split(self.data))
+        return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def json_event(payload: Any) -> bytes:
+    """A ``data:`` frame carrying *payload* as compact JSON."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return ServerSentEvent(text).encode()
+
+
+class Waitable(Protocol):
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def pings(
+    waitable: Waitable, interval: float, limit: float | None = None
+) -> Iterator[bytes]:
+    """Yield a heartbeat each time *interval* seconds pass with *waitable* unfinished.
+
+    The wait is cooperative (a gevent timer under gevent), so the hub keeps
+    serving while the model works. An interval of 0 or less waits silently.
+    Past *limit* seconds in all, raise :class:`TimeoutError`.
+    """
+    deadline = None if limit is None else time.monotonic() + limit
+    while True:
+        timeout = interval if interval > 0 else None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        if waitable.wait(timeout):
+            return
+        if interval > 0 and (deadline is None or time.monotonic() < deadline):
+            yield PING

@@ -1,0 +1,95 @@
+"""The generator a streaming view returns.
+
+It waits its turn in the model's queue, then advances llama-cpp-python's
+chunk iterator one step at a time in a native thread. While it waits, and
+while a step runs (prompt processing, a slow token), it yields heartbeats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import APIError
+from .pool import Model
+from .sse import DONE, json_event, pings
+from .threads import Runner, Step
+
+
+@dataclass
+class Job:
+    """What a streaming request runs once its turn comes."""
+
+    model: Model
+    start: Callable[[], Iterator[dict[str, Any]]]
+    shape: Callable[[dict[str, Any]], dict[str, Any] | None]
+    final: Callable[[], dict[str, Any] | None] = lambda: None
+    logits: Callable[[], AbstractContextManager[Any]] = field(default=nullcontext)
+
+
+def events(
+    job: Job,
+    runner: Runner,
+    interval: float,
+    queue_timeout: float,
+    to_api_error: Callable[[Exception], APIError],
+) -> Iterator[bytes]:
+    # Enter the queue only once iterated: a server may close a generator it
+    # never started, and then no ``finally`` would give the place back.
+    ticket = None
+    try:
+        ticket = job.model.queue.enter(job.model.alias)
+        yield b""  # WSGI servers send the headers with the first chunk, even empty
+        try:
+            yield from pings(ticket, interval, queue_timeout)
+        except TimeoutError:
+            raise APIError(
+                f"Waited {queue_timeout:g} s in the queue for model "
+                f"{job.model.alias!r}; retry later.",
+                503,
+                code="queue_timeout",
+            ) from None
+        with job.logits():
+            yield from _generate(job, runner, interval)
+        yield DONE
+    except Exception as exc:
+        # The status line has gone out: report the error as one event.
+        yield json_event(to_api_error(exc).body())
+    finally:
+        if ticket is not None:
+            ticket.leave()
+
+
+def _generate(job: Job, runner: Runner, interval: float) -> Iterator[bytes]:
+    step: Step[Any] | None = None
+    chunks: Iterator[dict[str, Any]] | None = None
+    try:
+        step = runner.submit(job.start)
+        yield from pings(step, interval)
+        chunks = step.result()
+        while True:
+            step = runner.submit(next, chunks, None)
+            yield from pings(step, interval)
+            chunk = step.result()
+            if chunk is None:
+                break
+            shaped = job.shape(chunk)
+            if shaped is not None:
+                yield json_event(shaped)
+        final = job.final()
+        if final is not None:
+            yield json_event(final)
+    except Exception:
+        if step is not None and step.done():
+            runner.call(job.model.llama.reset)  # llama.cpp may be mid-batch
+        raise
+    finally:
+        # A client that went away leaves its step running: let it finish before
+        # the model is released, or two threads end up in one llama context.
+        if step is not None:
+            while not step.done():
+                step.wait()
+        if chunks is not None:
+            runner.call(getattr(chunks, "close", lambda: None))
