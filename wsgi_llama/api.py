@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.sansio.blueprints import BlueprintSetupState
 from llama_cpp.llama_grammar import LlamaGrammar
 
-from . import errors, responses, schemas, stream
+from . import errors, openapi, responses, schemas, stream
 from .config import DEFAULTS, Settings, load_settings
 from .errors import APIError
 from .pool import Model, Pool
@@ -50,6 +50,7 @@ def create_blueprint(
     errors.register(bp)
 
     bp.get("/health")(health)
+    bp.get("/openapi.json")(openapi_json)
     bp.get("/v1/models")(list_models)
     bp.get("/v1/models/<path:model_id>")(get_model)
     bp.post("/v1/completions")(completions)
@@ -120,6 +121,13 @@ def _cors(response: Response) -> Response:
 
 def health() -> Response:
     return jsonify({"status": "ok"})
+
+
+def openapi_json() -> Response:
+    prefix = request.script_root + (
+        request.blueprint and request.url_rule.rule.removesuffix("/openapi.json") or ""
+    )
+    return jsonify(openapi.document(prefix))
 
 
 def list_models() -> Response:
