@@ -124,10 +124,11 @@ def health() -> Response:
 
 
 def openapi_json() -> Response:
-    prefix = request.script_root + (
-        request.blueprint and request.url_rule.rule.removesuffix("/openapi.json") or ""
+    """This API's description, with the prefix it is mounted under."""
+    mount = (
+        request.url_rule.rule.removesuffix("/openapi.json") if request.url_rule else ""
     )
-    return jsonify(openapi.document(prefix))
+    return jsonify(openapi.document(request.script_root + mount))
 
 
 def list_models() -> Response:
