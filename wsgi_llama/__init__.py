@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from .api import create_blueprint
-from .app import create_app
 from .config import ConfigError
+from .factory import create_app
 
 __all__ = ["ConfigError", "app", "create_app", "create_blueprint"]
 
