@@ -15,10 +15,9 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.sansio.blueprints import BlueprintSetupState
-from llama_cpp.llama_grammar import LlamaGrammar
 
 from . import errors, openapi, responses, schemas, stream
-from .config import DEFAULTS, Settings, load_settings
+from .config import Settings, load_settings
 from .errors import APIError
 from .pool import Model, Pool
 from .threads import Runner
@@ -64,7 +63,7 @@ def create_blueprint(
 
 def _setup(state: BlueprintSetupState) -> None:
     app: Flask = state.app
-    settings = load_settings({**DEFAULTS, **app.config})
+    settings = load_settings(app.config)
     app.extensions[EXTENSION] = Server(settings, Pool.load(settings), Runner())
 
 
@@ -149,7 +148,7 @@ def completions() -> Response:
     body = schemas.parse(schemas.CompletionRequest, request.get_data())
     server = _server()
     model = server.pool.get(body.model)
-    kwargs = _sampling(body, model, server.settings.max_tokens)
+    kwargs = _sampling(body, model, server)
     prompt = body.prompt
     if isinstance(prompt, list):
         model.check_tokens(prompt, "prompt")
@@ -174,7 +173,7 @@ def completions() -> Response:
             logits,
         )
     result = _run(server, model, lambda: call(**kwargs), logits)
-    return jsonify(responses.completion(result))
+    return responses.json_response(responses.completion(result))
 
 
 def chat_completions() -> Response:
@@ -183,21 +182,20 @@ def chat_completions() -> Response:
     model = server.pool.get(body.model)
     if body.max_completion_tokens is not None:
         body.max_tokens = body.max_completion_tokens
-    kwargs = _sampling(body, model, server.settings.max_tokens)
+    kwargs = _sampling(body, model, server)
     messages = [message.to_llama() for message in body.messages]
     # A lower bound of the templated prompt: catches most prompts that are too
     # long while a 400 can still be sent; llama.cpp catches the rest.
     text = "".join(m["content"] or "" for m in messages)
     _check_context(model, len(_tokenize(server, model, text, add_bos=False)))
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
+    functions = [f.model_dump(exclude_none=True) for f in body.functions or []]
     kwargs.update(
         messages=messages,
-        response_format=body.response_format.to_llama()
-        if body.response_format
-        else None,
-        tools=[tool.model_dump(exclude_none=True) for tool in body.tools or []] or None,
-        tool_choice=body.tool_choice,
-        functions=[f.model_dump(exclude_none=True) for f in body.functions or []]
-        or None,
+        response_format=_response_format(body, model, server),
+        tools=tools or None,
+        tool_choice=_tool_choice(body, tools, model, server),
+        functions=functions or None,
         function_call=body.function_call,
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
@@ -216,7 +214,7 @@ def chat_completions() -> Response:
             logits,
         )
     result = _run(server, model, lambda: call(**kwargs), logits)
-    return jsonify(responses.chat_completion(result))
+    return responses.json_response(responses.chat_completion(result))
 
 
 def embeddings() -> Response:
@@ -241,7 +239,7 @@ def embeddings() -> Response:
         lambda: model.llama.create_embedding(body.input, model=model.alias),
         nullcontext,
     )
-    return jsonify(result)
+    return responses.json_response(responses.embeddings(result))
 
 
 def tokenize() -> Response:
@@ -286,9 +284,10 @@ def _check_context(model: Model, n_prompt: int) -> None:
         )
 
 
-def _sampling(body: schemas.Sampling, model: Model, cap: int | None) -> dict[str, Any]:
+def _sampling(body: schemas.Sampling, model: Model, server: Server) -> dict[str, Any]:
     """llama-cpp-python keyword arguments for the fields both endpoints share."""
     model.check_tokens(body.bias_tokens(), "logit_bias")
+    cap = server.settings.max_tokens
     max_tokens = body.max_tokens or None  # llama-cpp-python: None runs to n_ctx
     if cap is not None:
         max_tokens = min(max_tokens or cap, cap)
@@ -312,15 +311,40 @@ def _sampling(body: schemas.Sampling, model: Model, cap: int | None) -> dict[str
         "logit_bias": body.logit_bias,
     }
     if body.grammar:
-        kwargs["grammar"] = _grammar(body.grammar)
+        kwargs["grammar"] = server.runner.call(model.grammar, body.grammar, "grammar")
     return kwargs
 
 
-def _grammar(text: str) -> LlamaGrammar:
-    try:
-        return LlamaGrammar.from_string(text, verbose=False)
-    except Exception as exc:
-        raise APIError(f"Invalid grammar: {exc}", param="grammar") from None
+def _response_format(
+    body: schemas.ChatCompletionRequest, model: Model, server: Server
+) -> dict[str, Any] | None:
+    fmt = body.response_format.to_llama() if body.response_format else None
+    if fmt is not None and "schema" in fmt:
+        # Checked here, not left to llama-cpp-python: see Model.grammar.
+        server.runner.call(model.json_grammar, fmt["schema"], "response_format")
+    return fmt
+
+
+def _tool_choice(
+    body: schemas.ChatCompletionRequest,
+    tools: list[dict[str, Any]],
+    model: Model,
+    server: Server,
+) -> Any:
+    """The forced tool, checked: llama-cpp-python builds a grammar from it."""
+    choice = body.tool_choice
+    if not isinstance(choice, dict):
+        return choice
+    name = (choice.get("function") or {}).get("name")
+    tool = next((t for t in tools if t["function"]["name"] == name), None)
+    if tool is None:
+        raise APIError(
+            f"tool_choice names {name!r}, which is not among the tools.",
+            param="tool_choice",
+        )
+    parameters = tool["function"].get("parameters") or {}
+    server.runner.call(model.json_grammar, parameters, "tools")
+    return {"type": "function", "function": {"name": name}}
 
 
 def _run(

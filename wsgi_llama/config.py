@@ -123,6 +123,7 @@ def model_defaults() -> dict[str, Any]:
 
 def load_settings(config: Mapping[str, Any]) -> Settings:
     """Check and resolve the ``LLAMA_*`` keys of *config*; raise ConfigError."""
+    config = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     file_settings = _read_config_file(config.get("LLAMA_CONFIG_FILE"))
     models = _models(config, file_settings)
 
@@ -137,7 +138,7 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         models=models,
         ping_interval=_number(interval, "LLAMA_PING_INTERVAL"),
         min_ping_interval=_number(
-            config.get("LLAMA_MIN_PING_INTERVAL", 1.0), "LLAMA_MIN_PING_INTERVAL"
+            config["LLAMA_MIN_PING_INTERVAL"], "LLAMA_MIN_PING_INTERVAL"
         ),
         api_keys=_string_list(api_keys, "LLAMA_API_KEY"),
         max_request_bytes=_integer(

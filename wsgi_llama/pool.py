@@ -6,6 +6,7 @@ in FIFO order. Nothing interrupts a running request.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from .config import ConfigError, ModelSettings, Settings
 from .errors import APIError
@@ -165,6 +167,32 @@ class Model:
                     param=param,
                     code="invalid_token_id",
                 )
+
+    def grammar(self, gbnf: str, param: str) -> LlamaGrammar:
+        """A GBNF grammar that llama.cpp has parsed.
+
+        llama-cpp-python parses grammars only when sampling starts, and hands
+        one that fails to the sampler as NULL, which crashes the process.
+        """
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self.llama._model.vocab, gbnf.encode("utf-8"), b"root"
+        )
+        if not sampler:
+            raise APIError(
+                "Invalid grammar: llama.cpp could not parse it (GBNF with a "
+                "'root' rule expected).",
+                param=param,
+            )
+        llama_cpp.llama_sampler_free(sampler)
+        return LlamaGrammar.from_string(gbnf, verbose=False)
+
+    def json_grammar(self, schema: Any, param: str) -> LlamaGrammar:
+        """The grammar that constrains output to *schema*, checked as above."""
+        try:
+            gbnf = json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:
+            raise APIError(f"Unsupported JSON schema: {exc}", param=param) from None
+        return self.grammar(gbnf, param)
 
     def describe(self) -> dict[str, Any]:
         return {

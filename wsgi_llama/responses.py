@@ -7,9 +7,18 @@ streaming; strict clients and validators reject that.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from flask import Response
+
 from .pool import Llama
+from .sse import plain
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    text = json.dumps(payload, ensure_ascii=False, default=plain)
+    return Response(text, status, mimetype="application/json")
 
 
 def usage(llama: Llama) -> dict[str, int]:
@@ -64,6 +73,21 @@ def completion_chunk(chunk: dict[str, Any], include_usage: bool) -> dict[str, An
     if include_usage:
         chunk["usage"] = None
     return chunk
+
+
+def embeddings(result: dict[str, Any]) -> dict[str, Any]:
+    """One vector per input, as OpenAI returns.
+
+    A model without a pooling type of its own yields a vector per token;
+    their mean is the usual sentence embedding.
+    """
+    for item in result["data"]:
+        vector = item["embedding"]
+        if vector and isinstance(vector[0], list):
+            item["embedding"] = [
+                sum(column) / len(vector) for column in zip(*vector, strict=True)
+            ]
+    return result
 
 
 def usage_chunk(last: dict[str, Any], llama: Llama) -> dict[str, Any]:

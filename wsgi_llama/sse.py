@@ -43,7 +43,7 @@ class ServerSentEvent:
 
 def json_event(payload: Any) -> bytes:
     """A ``data:`` frame carrying *payload* as compact JSON."""
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), default=plain)
     return ServerSentEvent(text).encode()
 
 
@@ -72,3 +72,10 @@ def pings(
             return
         if interval > 0 and (deadline is None or time.monotonic() < deadline):
             yield PING
+
+
+def plain(value: Any) -> Any:
+    """JSON's ``default``: llama-cpp-python puts numpy floats in logprobs."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
