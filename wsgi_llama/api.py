@@ -159,21 +159,15 @@ def completions() -> Response:
     kwargs.update(
         prompt=prompt, suffix=body.suffix, echo=body.echo, logprobs=body.logprobs
     )
-    logits = model.llama.all_logits if body.logprobs is not None else nullcontext
-    call = model.llama.create_completion
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(
-            server,
-            body,
-            model,
-            lambda: call(**kwargs, stream=True),
-            lambda chunk: responses.completion_chunk(chunk, include_usage),
-            include_usage,
-            logits,
-        )
-    result = _run(server, model, lambda: call(**kwargs), logits)
-    return responses.json_response(responses.completion(result))
+    return _generate(
+        server,
+        body,
+        model,
+        lambda **more: model.llama.create_completion(**kwargs, **more),
+        body.logprobs is not None,
+        responses.completion_chunk,
+        responses.completion,
+    )
 
 
 def chat_completions() -> Response:
@@ -200,21 +194,15 @@ def chat_completions() -> Response:
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
     )
-    logits = model.llama.all_logits if body.logprobs else nullcontext
-    call = model.llama.create_chat_completion
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(
-            server,
-            body,
-            model,
-            lambda: call(**kwargs, stream=True),
-            lambda chunk: responses.chat_chunk(chunk, include_usage),
-            include_usage,
-            logits,
-        )
-    result = _run(server, model, lambda: call(**kwargs), logits)
-    return responses.json_response(responses.chat_completion(result))
+    return _generate(
+        server,
+        body,
+        model,
+        lambda **more: model.llama.create_chat_completion(**kwargs, **more),
+        body.logprobs,
+        responses.chat_chunk,
+        responses.chat_completion,
+    )
 
 
 def embeddings() -> Response:
@@ -345,6 +333,32 @@ def _tool_choice(
     parameters = tool["function"].get("parameters") or {}
     server.runner.call(model.json_grammar, parameters, "tools")
     return {"type": "function", "function": {"name": name}}
+
+
+def _generate(
+    server: Server,
+    body: schemas.Sampling,
+    model: Model,
+    call: Callable[..., Any],
+    logprobs: bool,
+    shape_chunk: Callable[[dict[str, Any], bool], dict[str, Any]],
+    shape_result: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Response:
+    """Run a generation request, streamed or whole, in the model's turn."""
+    logits = model.llama.all_logits if logprobs else nullcontext
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(
+            server,
+            body,
+            model,
+            lambda: call(stream=True),
+            lambda chunk: shape_chunk(chunk, include_usage),
+            include_usage,
+            logits,
+        )
+    result = _run(server, model, call, logits)
+    return responses.json_response(shape_result(result))
 
 
 def _run(
