@@ -390,3 +390,31 @@ def test_blueprint_in_another_app(tiny_model: Path) -> None:
     )
     assert response.status_code == 200
     assert client.get("/llm/openapi.json").json["servers"][0]["url"] == "/llm"
+
+
+def test_cors_off_by_default(client: FlaskClient) -> None:
+    response = client.get("/v1/models", headers={"Origin": "https://a.example"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_allowed_origins(make_app: Callable[..., Flask]) -> None:
+    client = make_app(
+        LLAMA_CORS_ORIGINS="https://a.example", LLAMA_API_KEY="k"
+    ).test_client()
+    preflight = client.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "https://a.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200  # no key needed for a preflight
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://a.example"
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    other = client.get(
+        "/v1/models",
+        headers={"Origin": "https://b.example", "Authorization": "Bearer k"},
+    )
+    assert other.status_code == 200
+    assert "Access-Control-Allow-Origin" not in other.headers
