@@ -32,6 +32,14 @@ class ServerSentEvent:
         self.id = id
 
     def encode(self) -> bytes:
+        """The frame; :class:`ValueError` if *event* or *id* would break a line.
+
+        Only ``data`` may span lines: a line break in the other fields would
+        forge fields or events.
+        """
+        for name, value in (("event", self.event), ("id", self.id)):
+            if value is not None and _LINE_BREAK.search(value):
+                raise ValueError(f"an SSE {name} cannot contain a line break")
         lines = []
         if self.event is not None:
             lines.append(f"event: {self.event}")
