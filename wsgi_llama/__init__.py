@@ -8,6 +8,7 @@ and exits with status 3. :func:`create_app` raises :class:`ConfigError`.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -25,7 +26,9 @@ def __getattr__(name: str) -> Any:
         except ConfigError as exc:
             # For WSGI servers: one line that says what to set, not a traceback;
             # 3 is gunicorn's "worker failed to boot", which stops the master.
-            print(f"wsgi-llama: {exc}", file=sys.stderr, flush=True)
+            # One write: several workers may fail at once.
+            sys.stderr.flush()
+            os.write(2, f"wsgi-llama: {exc}\n".encode())
             raise SystemExit(3) from None
         globals()["app"] = app
         return app

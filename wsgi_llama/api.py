@@ -7,7 +7,11 @@ from :mod:`.stream`, which interleaves heartbeats while the model works.
 
 from __future__ import annotations
 
+import functools
 import hmac
+import select
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.sansio.blueprints import BlueprintSetupState
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import errors, openapi, responses, schemas, stream
 from .config import Settings, load_settings
@@ -145,20 +150,24 @@ def get_model(model_id: str) -> Response:
 
 
 def completions() -> Response:
-    body = schemas.parse(schemas.CompletionRequest, request.get_data())
+    body = schemas.parse(schemas.CompletionRequest, _body())
     server = _server()
     model = server.pool.get(body.model)
     kwargs = _sampling(body, model, server)
     prompt = body.prompt
+    echo = body.echo and prompt != ""
+    if prompt == "" and model.llama.token_bos() >= 0:
+        # llama-cpp-python would start the completion itself with BOS.
+        prompt = [model.llama.token_bos()]
     if isinstance(prompt, list):
+        if echo:
+            raise APIError("echo needs a text prompt, not token ids.", param="echo")
         model.check_tokens(prompt, "prompt")
         n_prompt = len(prompt)
     else:
-        n_prompt = len(_tokenize(server, model, prompt))
+        n_prompt = len(_tokenize(server, model, prompt, "prompt"))
     _check_context(model, n_prompt)
-    kwargs.update(
-        prompt=prompt, suffix=body.suffix, echo=body.echo, logprobs=body.logprobs
-    )
+    kwargs.update(prompt=prompt, suffix=body.suffix, echo=echo, logprobs=body.logprobs)
     return _generate(
         server,
         body,
@@ -171,7 +180,7 @@ def completions() -> Response:
 
 
 def chat_completions() -> Response:
-    body = schemas.parse(schemas.ChatCompletionRequest, request.get_data())
+    body = schemas.parse(schemas.ChatCompletionRequest, _body())
     server = _server()
     model = server.pool.get(body.model)
     if body.max_completion_tokens is not None:
@@ -181,16 +190,21 @@ def chat_completions() -> Response:
     # A lower bound of the templated prompt: catches most prompts that are too
     # long while a 400 can still be sent; llama.cpp catches the rest.
     text = "".join(m["content"] or "" for m in messages)
-    _check_context(model, len(_tokenize(server, model, text, add_bos=False)))
+    _check_context(
+        model, len(_tokenize(server, model, text, "messages", add_bos=False))
+    )
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     functions = [f.model_dump(exclude_none=True) for f in body.functions or []]
+    for function in [t["function"] for t in tools] + functions:
+        # llama-cpp-python indexes it unconditionally.
+        function.setdefault("parameters", {"type": "object", "properties": {}})
     kwargs.update(
         messages=messages,
         response_format=_response_format(body, model, server),
         tools=tools or None,
         tool_choice=_tool_choice(body, tools, model, server),
         functions=functions or None,
-        function_call=body.function_call,
+        function_call=_function_call(body, functions, model, server),
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
     )
@@ -206,7 +220,7 @@ def chat_completions() -> Response:
 
 
 def embeddings() -> Response:
-    body = schemas.parse(schemas.EmbeddingRequest, request.get_data())
+    body = schemas.parse(schemas.EmbeddingRequest, _body())
     server = _server()
     model = server.pool.get(body.model)
     if not model.embedding:
@@ -215,37 +229,44 @@ def embeddings() -> Response:
             "set 'embedding: true' for it in the config file.",
             param="model",
         )
-    inputs = body.input if isinstance(body.input, list) else [body.input]
-    for i, item in enumerate(inputs):
-        if isinstance(item, list):
+    texts = []
+    for i, item in enumerate(body.texts_and_tokens()):
+        if isinstance(item, list):  # llama-cpp-python embeds text only
             model.check_tokens(item, f"input[{i}]")
-        elif isinstance(item, int):
-            model.check_tokens([item], "input")
+            item = server.runner.call(model.llama.detokenize, item).decode(
+                "utf-8", errors="replace"
+            )
+        model.check_text(item, "input")
+        texts.append(item)
     result = _run(
         server,
         model,
-        lambda: model.llama.create_embedding(body.input, model=model.alias),
+        lambda: model.llama.create_embedding(texts, model=model.alias),
         nullcontext,
     )
     return responses.json_response(responses.embeddings(result))
 
 
 def tokenize() -> Response:
-    body = schemas.parse(schemas.TokenizeRequest, request.get_data())
+    body = schemas.parse(schemas.TokenizeRequest, _body())
     server = _server()
     model = server.pool.get(body.model)
-    return jsonify({"tokens": _tokenize(server, model, body.input)})
+    return jsonify(
+        {"tokens": _tokenize(server, model, body.input, "input", whole=False)}
+    )
 
 
 def tokenize_count() -> Response:
-    body = schemas.parse(schemas.TokenizeRequest, request.get_data())
+    body = schemas.parse(schemas.TokenizeRequest, _body())
     server = _server()
     model = server.pool.get(body.model)
-    return jsonify({"count": len(_tokenize(server, model, body.input))})
+    return jsonify(
+        {"count": len(_tokenize(server, model, body.input, "input", whole=False))}
+    )
 
 
 def detokenize() -> Response:
-    body = schemas.parse(schemas.DetokenizeRequest, request.get_data())
+    body = schemas.parse(schemas.DetokenizeRequest, _body())
     server = _server()
     model = server.pool.get(body.model)
     model.check_tokens(body.tokens, "tokens")
@@ -253,9 +274,26 @@ def detokenize() -> Response:
     return jsonify({"text": text.decode("utf-8", errors="replace")})
 
 
+def _body() -> bytes:
+    """The request body, with the size limit held for chunked bodies too."""
+    data = request.get_data()
+    limit = request.max_content_length
+    # Werkzeug stops reading a body without Content-Length at the limit and
+    # does not say so: the rest would be silently dropped.
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        raise RequestEntityTooLarge()
+    return data
+
+
 def _tokenize(
-    server: Server, model: Model, text: str, add_bos: bool = True
+    server: Server,
+    model: Model,
+    text: str,
+    param: str,
+    add_bos: bool = True,
+    whole: bool = True,
 ) -> list[int]:
+    model.check_text(text, param, whole)
     # Vocabulary look-ups only: safe beside a generation, so no queue.
     return server.runner.call(
         model.llama.tokenize, text.encode("utf-8"), add_bos=add_bos, special=True
@@ -330,8 +368,7 @@ def _tool_choice(
             f"tool_choice names {name!r}, which is not among the tools.",
             param="tool_choice",
         )
-    parameters = tool["function"].get("parameters") or {}
-    server.runner.call(model.json_grammar, parameters, "tools")
+    server.runner.call(model.json_grammar, tool["function"]["parameters"], "tools")
     return {"type": "function", "function": {"name": name}}
 
 
@@ -361,6 +398,39 @@ def _generate(
     return responses.json_response(shape_result(result))
 
 
+def _client_gone(environ: dict[str, Any]) -> bool:
+    """Whether the client closed its connection (seen on gunicorn's socket only)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def _function_call(
+    body: schemas.ChatCompletionRequest,
+    functions: list[dict[str, Any]],
+    model: Model,
+    server: Server,
+) -> Any:
+    """The forced legacy function, checked like a forced tool."""
+    call = body.function_call
+    if not isinstance(call, dict) or "name" not in call:
+        return call
+    name = call["name"]
+    function = next((f for f in functions if f["name"] == name), None)
+    if function is None:
+        raise APIError(
+            f"function_call names {name!r}, which is not among the functions.",
+            param="function_call",
+        )
+    server.runner.call(model.json_grammar, function["parameters"], "functions")
+    return {"name": name}
+
+
 def _run(
     server: Server,
     model: Model,
@@ -369,19 +439,36 @@ def _run(
 ) -> Any:
     """Run one whole llama.cpp call in the model's turn, in a native thread."""
     settings = server.settings
+    environ = request.environ
     ticket = model.queue.enter(model.alias)
     try:
-        if not ticket.wait(settings.queue_timeout):
-            raise APIError(
-                f"Waited {settings.queue_timeout:g} s in the queue for model "
-                f"{model.alias!r}; retry later.",
-                503,
-                code="queue_timeout",
-                headers={"Retry-After": "1"},
-            )
+        deadline = time.monotonic() + settings.queue_timeout
+        while not ticket.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise APIError(
+                    f"Waited {settings.queue_timeout:g} s in the queue for model "
+                    f"{model.alias!r}; retry later.",
+                    503,
+                    code="queue_timeout",
+                    headers={"Retry-After": "1"},
+                )
+            if _client_gone(environ):
+                raise APIError("The client closed the request.", 499)
+        if _client_gone(environ):
+            raise APIError("The client closed the request.", 499)
         with logits():
+            model.llama.cancelled = False
+            step = server.runner.submit(call)
             try:
-                return server.runner.call(call)
+                while not step.wait(1.0):
+                    if _client_gone(environ):
+                        model.llama.cancelled = True  # stops at the next token
+            finally:
+                while not step.done():
+                    step.wait()
+                model.llama.cancelled = False
+            try:
+                return step.result()
             except Exception as exc:
                 raise llama_error(exc, model) from exc
     finally:
@@ -423,6 +510,7 @@ def _stream(
         _ping_interval(body, settings),
         settings.queue_timeout,
         lambda exc: llama_error(exc, model),
+        functools.partial(_client_gone, request.environ),
     )
     return Response(
         generator,

@@ -74,6 +74,7 @@ class ModelSettings:
     alias: str
     path: Path
     options: dict[str, Any] = field(default_factory=dict)
+    key: str = "LLAMA_MODEL"  # where it was configured, for error messages
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _model_settings(entry: Any, key: str) -> ModelSettings:
     for name in ("n_ctx", "n_batch", "n_threads", "n_threads_batch"):
         if name in options and options[name] is not None:
             options[name] = _integer(options[name], f"{key}.{name}", 0)
-    return ModelSettings(alias=alias, path=path, options=options)
+    return ModelSettings(alias=alias, path=path, options=options, key=key)
 
 
 def _llama_parameters() -> set[str]:

@@ -6,7 +6,9 @@ in FIFO order. Nothing interrupts a running request.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -27,6 +29,14 @@ class Llama(llama_cpp.Llama):
 
     prompt_tokens = 0
     completion_tokens = 0
+    #: Set (from another thread) to end the running generation at its next token.
+    cancelled = False
+    _max_tokens: int | None = None
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        # Chat handlers call this too: remember the cap for generate().
+        self._max_tokens = kwargs.get("max_tokens", 16)
+        return super().create_completion(*args, **kwargs)
 
     def generate(
         self, tokens: Sequence[int], *args: Any, **kwargs: Any
@@ -34,10 +44,19 @@ class Llama(llama_cpp.Llama):
         # Streamed chunks carry no usage; count it here for include_usage.
         self.prompt_tokens = len(tokens)
         self.completion_tokens = 0
+        # llama-cpp-python checks max_tokens only while the text so far is
+        # valid UTF-8: biased to lead bytes, a generation would run until the
+        # KV cache is full, past any cap, and fail there. A character needs at
+        # most 3 tokens more; the KV cache holds n_ctx tokens in all.
+        limit = self._n_ctx - len(tokens)
+        if self._max_tokens is not None and self._max_tokens > 0:
+            limit = min(limit, self._max_tokens + 3)
         vocab = self._model.vocab
         inner = super().generate(tokens, *args, **kwargs)
         try:
-            for token in inner:
+            for produced, token in enumerate(inner):
+                if produced >= limit or self.cancelled:
+                    return
                 if not llama_cpp.llama_vocab_is_eog(vocab, token):
                     self.completion_tokens += 1
                 yield token
@@ -65,6 +84,44 @@ class Llama(llama_cpp.Llama):
             self._logits_all = False
             self.scores = small
             self.reset()
+
+
+_NUL = r"(?:\\x0{2}|\\u0{4}|\\U0{8}|\x00)"
+# A string literal with a NUL in it, or a character class of NUL alone.
+_MATCHES_ONLY_NUL = re.compile(
+    rf'"(?:[^"\\]|\\.)*?{_NUL}(?:[^"\\]|\\.)*"|\[{_NUL}(?:-{_NUL})?\]'
+)
+
+
+MAX_WORD = 50_000
+_BOUNDS = {"minLength", "maxLength", "minItems", "maxItems", "minProperties"}
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def _check_bounds(schema: Any, limit: int, param: str) -> None:
+    """Refuse lengths no output could reach: the grammar would spell each out.
+
+    ``{"minLength": 1000000000}`` made a grammar that grew until the kernel
+    killed the worker.
+    """
+    if isinstance(schema, list):
+        for item in schema:
+            _check_bounds(item, limit, param)
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        numbers: list[int] = []
+        if key in _BOUNDS and isinstance(value, int):
+            numbers = [value]
+        elif key == "pattern" and isinstance(value, str):
+            numbers = [int(n) for pair in _QUANTIFIER.findall(value) for n in pair if n]
+        if any(n > limit for n in numbers):
+            raise APIError(
+                f"The JSON schema's {key} asks for more than this model's "
+                "context can hold.",
+                param=param,
+            )
+        _check_bounds(value, limit, param)
 
 
 class QueueFull(APIError):
@@ -148,14 +205,44 @@ class Model:
             self.llama = Llama(model_path=str(settings.path), **settings.options)
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ConfigError(
-                f"model {settings.alias!r}",
-                f"cannot load {str(settings.path)!r}: {exc}",
+                settings.key, f"cannot load {str(settings.path)!r}: {exc}"
             ) from None
         self.queue = FairQueue(queue_size)
         self.created = int(settings.path.stat().st_mtime)
         self.n_ctx = self.llama.n_ctx()
         self.n_vocab = self.llama.n_vocab()
         self.embedding = bool(settings.options.get("embedding"))
+        self.longest_token = self._longest_token()
+
+    def _longest_token(self) -> int:
+        """The most bytes one token stands for (bounds tokens per text)."""
+        buffer = ctypes.create_string_buffer(1024)
+        vocab = self.llama._model.vocab
+        return max(
+            abs(llama_cpp.llama_token_to_piece(vocab, token, buffer, 1024, 0, True))
+            for token in range(self.n_vocab)
+        )
+
+    def check_text(self, text: str, param: str, whole: bool = True) -> None:
+        """Refuse, before tokenizing, texts that would cost far too much.
+
+        llama.cpp's tokenizer is quadratic in the length of a word: 200 kB
+        without whitespace take seconds of CPU, 1 MB minutes. With *whole*,
+        the text must also fit in the context.
+        """
+        if whole and len(text.encode("utf-8")) > self.n_ctx * self.longest_token:
+            raise APIError(
+                f"The text is longer than this model's context of {self.n_ctx} "
+                "tokens could hold.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if max(map(len, text.split()), default=0) > MAX_WORD:
+            raise APIError(
+                f"The text has a run of more than {MAX_WORD} characters without "
+                "whitespace, which llama.cpp tokenizes in quadratic time.",
+                param=param,
+            )
 
     def check_tokens(self, tokens: Iterable[int], param: str) -> None:
         """Reject token ids outside the vocabulary: llama.cpp aborts the process."""
@@ -174,6 +261,15 @@ class Model:
         llama-cpp-python parses grammars only when sampling starts, and hands
         one that fails to the sampler as NULL, which crashes the process.
         """
+        if _MATCHES_ONLY_NUL.search(gbnf):
+            # llama.cpp never samples a token that starts with NUL; a grammar
+            # that requires one leaves no candidate, and accepting the token
+            # sampled anyway throws through the C API and aborts the process.
+            raise APIError(
+                "Invalid grammar: it can require a NUL character, which no "
+                "token produces.",
+                param=param,
+            )
         sampler = llama_cpp.llama_sampler_init_grammar(
             self.llama._model.vocab, gbnf.encode("utf-8"), b"root"
         )
@@ -188,6 +284,7 @@ class Model:
 
     def json_grammar(self, schema: Any, param: str) -> LlamaGrammar:
         """The grammar that constrains output to *schema*, checked as above."""
+        _check_bounds(schema, self.n_ctx * self.longest_token, param)
         try:
             gbnf = json_schema_to_gbnf(json.dumps(schema))
         except Exception as exc:

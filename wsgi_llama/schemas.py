@@ -8,19 +8,22 @@ Validation errors become 400s that name the field.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import APIError
 
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(strict=True)]
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Python's json accepts NaN and Infinity; no field here means them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(Body):
@@ -50,14 +53,14 @@ class Sampling(Body):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    sse_ping_interval: float | None = None
+    sse_ping_interval: float | None = Field(default=None, le=3600)
     user: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
     def _token_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be between -100 and 100, got {bias}")
@@ -78,7 +81,9 @@ class CompletionRequest(Sampling):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], str):
+        if value == []:
+            raise ValueError("must be text or a non-empty list of token ids")
+        if isinstance(value, list) and isinstance(value[0], str):
             if len(value) > 1:
                 raise ValueError("only one prompt per request is supported")
             return value[0]
@@ -172,6 +177,20 @@ class EmbeddingRequest(Body):
     encoding_format: Literal["float"] = "float"
     user: str | None = None
 
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value == [] or (isinstance(value, list) and [] in value):
+            raise ValueError("must not be empty")
+        return value
+
+    def texts_and_tokens(self) -> list[str | list[int]]:
+        """Each input: a text, or a list of token ids."""
+        value = self.input
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]  # type: ignore[list-item]
+        return list(value)  # type: ignore[arg-type]
+
 
 class TokenizeRequest(Body):
     model: str | None = None
@@ -194,8 +213,17 @@ def parse(model: type[B], raw: bytes) -> B:
         raise APIError(
             f"The body is not valid JSON: {exc}", code="invalid_json"
         ) from None
+    except RecursionError:
+        raise APIError("The body is nested too deeply.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError("The body must be a JSON object.", code="invalid_json")
+    where = _surrogate_at(data, ())
+    if where is not None:
+        param = _param(where) or None
+        raise APIError(
+            f"Invalid value for '{param}': a lone UTF-16 surrogate is not text.",
+            param=param,
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -204,6 +232,26 @@ def parse(model: type[B], raw: bytes) -> B:
         raise APIError(
             f"Invalid value for '{param}': {error['msg']}", param=param
         ) from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate_at(
+    value: Any, loc: tuple[int | str, ...]
+) -> tuple[int | str, ...] | None:
+    """Where a string holds a lone surrogate: JSON can escape one, UTF-8 can't."""
+    if isinstance(value, str):
+        return loc if _SURROGATE.search(value) else None
+    if isinstance(value, (dict, list)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return (*loc, key)
+            found = _surrogate_at(item, (*loc, key))
+            if found is not None:
+                return found
+    return None
 
 
 def _param(loc: tuple[int | str, ...]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 PING = b": ping\n\n"
@@ -59,8 +59,15 @@ class Waitable(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+class ClientGone(Exception):
+    """The client closed its connection: nobody reads the rest."""
+
+
 def pings(
-    waitable: Waitable, interval: float, limit: float | None = None
+    waitable: Waitable,
+    interval: float,
+    limit: float | None = None,
+    gone: Callable[[], bool] | None = None,
 ) -> Iterator[bytes]:
     """Yield a heartbeat each time *interval* seconds pass with *waitable* unfinished.
 
@@ -71,6 +78,9 @@ def pings(
     deadline = None if limit is None else time.monotonic() + limit
     while True:
         timeout = interval if interval > 0 else None
+        if gone is not None:
+            # Heartbeats off: a write never fails, so look at the socket.
+            timeout = 1.0 if timeout is None else min(timeout, 1.0)
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -78,6 +88,8 @@ def pings(
             timeout = remaining if timeout is None else min(timeout, remaining)
         if waitable.wait(timeout):
             return
+        if gone is not None and gone():
+            raise ClientGone
         if interval > 0 and (deadline is None or time.monotonic() < deadline):
             yield PING
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import APIError
 from .pool import Model
-from .sse import DONE, json_event, pings
+from .sse import DONE, ClientGone, json_event, pings
 from .threads import Runner, Step
 
 
@@ -35,6 +35,7 @@ def events(
     interval: float,
     queue_timeout: float,
     to_api_error: Callable[[Exception], APIError],
+    gone: Callable[[], bool] | None = None,
 ) -> Iterator[bytes]:
     # Enter the queue only once iterated: a server may close a generator it
     # never started, and then no ``finally`` would give the place back.
@@ -43,7 +44,9 @@ def events(
         ticket = job.model.queue.enter(job.model.alias)
         yield b""  # WSGI servers send the headers with the first chunk, even empty
         try:
-            yield from pings(ticket, interval, queue_timeout)
+            yield from pings(
+                ticket, interval, queue_timeout, None if interval > 0 else gone
+            )
         except TimeoutError:
             raise APIError(
                 f"Waited {queue_timeout:g} s in the queue for model "
@@ -51,9 +54,13 @@ def events(
                 503,
                 code="queue_timeout",
             ) from None
+        if gone is not None and gone():
+            return  # left while queued: its prompt is not worth processing
         with job.logits():
             yield from _generate(job, runner, interval)
         yield DONE
+    except ClientGone:
+        return
     except Exception as exc:
         # The status line has gone out: report the error as one event.
         yield json_event(to_api_error(exc).body())
