@@ -1,0 +1,169 @@
+"""Load: many concurrent streaming clients on one gunicorn gevent worker.
+
+Every stream must arrive whole and well formed, with no other stream's data
+in it. Also a bounded run of benchmarks/soak.py (the hour-long soak).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from conftest import REPO, LiveServer
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from disconnects import children, stats
+from soak import run, summary
+
+CLIENTS = 50
+TOKENS = 100
+
+
+def stream_one(url: str, i: int, barrier: threading.Barrier) -> dict[str, Any]:
+    chat = i % 2 == 1
+    body: dict[str, Any] = {
+        "max_tokens": TOKENS + i % 7,  # different lengths: a mix-up would show
+        "seed": i,
+        "stream": True,
+    }
+    if chat:
+        body["messages"] = [{"role": "user", "content": f"Client {i}"}]
+        body["stream_options"] = {"include_usage": True}
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = f"Client {i}"
+        path = "/v1/completions"
+    barrier.wait(30)  # all at once
+    started = time.monotonic()
+    with httpx.stream("POST", url + path, json=body, timeout=120) as response:
+        status = response.status_code
+        content_type = response.headers.get("content-type", "")
+        raw = response.read()
+    return {
+        "chat": chat,
+        "tokens": body["max_tokens"],
+        "status": status,
+        "content_type": content_type,
+        "raw": raw,
+        "seconds": time.monotonic() - started,
+    }
+
+
+def parse(result: dict[str, Any]) -> tuple[set[str], str, list[dict[str, Any]]]:
+    """Check one stream's framing; return its ids, its text and its events."""
+    assert result["status"] == 200, result["raw"][:500]
+    assert result["content_type"].startswith("text/event-stream")
+    raw: bytes = result["raw"]
+    assert raw.endswith(b"\n\n"), raw[-200:]
+    frames = raw[:-2].split(b"\n\n")
+    assert frames[-1] == b"data: [DONE]", frames[-3:]
+    events = []
+    for frame in frames[:-1]:
+        if frame == b": ping":
+            continue
+        assert frame.startswith(b"data: {") and b"\n" not in frame, frame[:300]
+        event = json.loads(frame[len(b"data: ") :])
+        assert "error" not in event, event
+        events.append(event)
+    ids = {event["id"] for event in events}
+    if result["chat"]:
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or ""
+            for e in events
+            if e["choices"]
+        )
+    else:
+        text = "".join(e["choices"][0]["text"] for e in events)
+    return ids, text, events
+
+
+def test_fifty_concurrent_streams_arrive_whole_and_apart(
+    start_server: Any,
+) -> None:
+    live: LiveServer = start_server(
+        LLAMA_PING_INTERVAL="0.2", LLAMA_MIN_PING_INTERVAL="0.05", LLAMA_N_THREADS="1"
+    )
+    (pid,) = children(live.process.pid)
+    barrier = threading.Barrier(CLIENTS)
+    results: list[dict[str, Any] | BaseException] = [RuntimeError("no result")] * (
+        CLIENTS
+    )
+
+    def client(i: int) -> None:
+        try:
+            results[i] = stream_one(live.url, i, barrier)
+        except BaseException as exc:
+            results[i] = exc
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    elapsed = time.monotonic() - started
+    assert elapsed < 60, elapsed
+
+    seen_ids: set[str] = set()
+    for i, result in enumerate(results):
+        assert not isinstance(result, BaseException), (i, result)
+        ids, text, events = parse(result)
+        assert len(ids) == 1, (i, ids)  # no other stream's events
+        assert not ids & seen_ids, (i, ids)
+        seen_ids |= ids
+        assert len(text) == result["tokens"], (i, text)
+        finishes = [
+            e["choices"][0]["finish_reason"]
+            for e in events
+            if e["choices"] and e["choices"][0]["finish_reason"]
+        ]
+        assert finishes == ["length"], (i, finishes)
+        if result["chat"]:
+            assert events[0]["choices"][0]["delta"].get("role") == "assistant"
+            usage = events[-1]["usage"]
+            assert events[-1]["choices"] == []
+            assert usage["completion_tokens"] == result["tokens"], (i, usage)
+    assert len(seen_ids) == CLIENTS
+    # The streams waited their turns with heartbeats between the same frames.
+    assert any(b": ping" in r["raw"] for r in results if isinstance(r, dict))
+    # Everyone got the first frame early: the queued waited with heartbeats.
+    waits = sorted(r["seconds"] for r in results if isinstance(r, dict))
+    print(f"{CLIENTS} streams in {elapsed:.1f} s; slowest {waits[-1]:.1f} s")
+    assert stats(pid).threads < 30
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_bounded_soak(start_server: Any, workers: str) -> None:
+    """benchmarks/soak.py for 15 s: no errors, and the workers stay small."""
+    live: LiveServer = start_server(
+        "-w", workers, LLAMA_PING_INTERVAL="1", LLAMA_N_THREADS="1"
+    )
+    pids = children(live.process.pid)
+    before = {pid: stats(pid) for pid in pids}
+    started = time.monotonic()
+    result = run(live.url, duration=15, clients=8, seed=int(workers))
+    elapsed = time.monotonic() - started
+    text = summary(result, elapsed)
+    print(text)
+    assert not result.errors, text
+    assert sum(result.served.values()) >= 50, text
+    assert set(result.served) == {
+        "stream",
+        "chat_stream",
+        "completion",
+        "chat",
+        "dropped",
+    }, text
+    time.sleep(0.5)
+    assert children(live.process.pid) == pids  # no worker died
+    for pid in pids:
+        after = stats(pid)
+        assert after.rss_mb - before[pid].rss_mb < 50, (before[pid], after)
+        assert after.threads < 30, after
+    log = live.log.read_text()
+    assert "Traceback" not in log and "[ERROR]" not in log, log[-3000:]
