@@ -233,9 +233,11 @@ def test_staggered_concurrent_streams_all_complete(server: LiveServer) -> None:
         assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def abandon(server: LiveServer, tokens: int) -> None:
+def abandon(server: LiveServer, tokens: int, **extra: Any) -> None:
     """Start a stream, read until its first token, then drop the connection."""
-    body = json.dumps({"prompt": "x", "max_tokens": tokens, "stream": True}).encode()
+    body = json.dumps(
+        {"prompt": "x", "max_tokens": tokens, "stream": True, **extra}
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
