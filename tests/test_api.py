@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -156,6 +158,17 @@ def test_single_model_serves_any_name(client: FlaskClient) -> None:
     response = client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"})
     assert response.status_code == 200
     assert response.json["model"] == "tiny"
+
+
+def test_embeddings_as_base64(multi: FlaskClient) -> None:
+    # What the openai client asks for unless told otherwise.
+    body = {"model": "embedder", "input": "one"}
+    floats = multi.post("/v1/embeddings", json=body).json["data"][0]["embedding"]
+    encoded = multi.post(
+        "/v1/embeddings", json={**body, "encoding_format": "base64"}
+    ).json["data"][0]["embedding"]
+    decoded = np.frombuffer(base64.b64decode(encoded), dtype="<f4")
+    assert decoded.tolist() == pytest.approx(floats)
 
 
 def test_embeddings(multi: FlaskClient) -> None:

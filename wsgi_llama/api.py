@@ -244,7 +244,7 @@ def embeddings() -> Response:
         lambda: model.llama.create_embedding(texts, model=model.alias),
         nullcontext,
     )
-    return responses.json_response(responses.embeddings(result))
+    return responses.json_response(responses.embeddings(result, body.encoding_format))
 
 
 def tokenize() -> Response:

@@ -7,9 +7,11 @@ streaming; strict clients and validators reject that.
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
+import numpy as np
 from flask import Response
 
 from .pool import Llama
@@ -60,8 +62,9 @@ def chat_chunk(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
         delta = choice.get("delta", {})
         if delta.get("function_call") is None:
             delta.pop("function_call", None)
-        if delta.get("tool_calls") is None:
-            delta.pop("tool_calls", None)
+        for key in ("tool_calls", "role"):  # null is not allowed for either
+            if delta.get(key) is None:
+                delta.pop(key, None)
     if include_usage:
         chunk["usage"] = None
     return chunk
@@ -75,18 +78,20 @@ def completion_chunk(chunk: dict[str, Any], include_usage: bool) -> dict[str, An
     return chunk
 
 
-def embeddings(result: dict[str, Any]) -> dict[str, Any]:
-    """One vector per input, as OpenAI returns.
+def embeddings(result: dict[str, Any], encoding: str) -> dict[str, Any]:
+    """One vector per input, as OpenAI returns, as floats or base64.
 
     A model without a pooling type of its own yields a vector per token;
     their mean is the usual sentence embedding.
     """
     for item in result["data"]:
-        vector = item["embedding"]
-        if vector and isinstance(vector[0], list):
-            item["embedding"] = [
-                sum(column) / len(vector) for column in zip(*vector, strict=True)
-            ]
+        vector = np.asarray(item["embedding"], dtype="<f4")
+        if vector.ndim == 2:
+            vector = vector.mean(axis=0)
+        if encoding == "base64":
+            item["embedding"] = base64.b64encode(vector.tobytes()).decode("ascii")
+        else:
+            item["embedding"] = vector.tolist()
     return result
 
 

@@ -174,7 +174,8 @@ class ChatCompletionRequest(Sampling):
 class EmbeddingRequest(Body):
     model: str | None = None
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
-    encoding_format: Literal["float"] = "float"
+    # The openai client asks for base64 unless told otherwise.
+    encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
     @field_validator("input")
