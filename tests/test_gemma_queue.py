@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import LiveServer
-from test_streaming import abandon, check_framing, frames
+from test_streaming import abandon, check_framing, frames, hold_model
 
 pytestmark = pytest.mark.gemma
 
@@ -63,22 +63,7 @@ def test_six_staggered_streams_run_to_full_length(gemma_server: LiveServer) -> N
 
 
 def hold(live: LiveServer, tokens: int) -> threading.Thread:
-    started = threading.Event()
-
-    def run() -> None:
-        body = {"prompt": PROMPT, "max_tokens": tokens, "stream": True}
-        with httpx.stream(
-            "POST", live.url + "/v1/completions", json=body, timeout=300
-        ) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    started.set()
-        started.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(60)
-    return thread
+    return hold_model(live, tokens, prompt=PROMPT, logit_bias=NO_END)
 
 
 def test_queued_stream_gets_heartbeats_while_it_waits(gemma_server: LiveServer) -> None:

@@ -50,14 +50,16 @@ def check_framing(got: list[bytes]) -> tuple[list[dict[str, Any]], list[int]]:
     return events, pings
 
 
-def hold_model(server: LiveServer, tokens: int = LONG) -> threading.Thread:
+def hold_model(
+    server: LiveServer, tokens: int = LONG, **extra: Any
+) -> threading.Thread:
     """Keep the model busy with a long stream; return once it is generating."""
     started = threading.Event()
 
     def run() -> None:
-        body = {"prompt": "hold", "max_tokens": tokens, "stream": True}
+        body = {"prompt": "hold", "max_tokens": tokens, "stream": True, **extra}
         with httpx.stream(
-            "POST", server.url + "/v1/completions", json=body, timeout=120
+            "POST", server.url + "/v1/completions", json=body, timeout=300
         ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
@@ -66,7 +68,7 @@ def hold_model(server: LiveServer, tokens: int = LONG) -> threading.Thread:
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    assert started.wait(30)
+    assert started.wait(60)
     return thread
 
 
