@@ -858,11 +858,7 @@ def named_cases() -> Iterator[Any]:
         ("100-strings", ["Hi"] * 100),
     ]:
         yield f"embeddings-{name}", post(EMBEDDINGS, {"input": value})
-    # The openai client's default; anything else is refused.
-    yield (
-        "embeddings-base64",
-        ok(EMBEDDINGS, {"input": "Hi", "encoding_format": "base64"}),
-    )
+    # "base64" is served (tests/test_api.py); other encodings are refused.
     yield (
         "embeddings-int8",
         bad(EMBEDDINGS, {"input": "Hi", "encoding_format": "int8"}, "encoding_format"),
