@@ -1,6 +1,7 @@
-"""gunicorn settings for wsgi-llama: ``gunicorn -c deploy/gunicorn.conf.py wsgi_llama:app``.
+"""gunicorn settings for wsgi-llama.
 
-Model settings come from ``LLAMA_*`` environment variables (see README.rst).
+Use: ``gunicorn -c deploy/gunicorn.conf.py wsgi_llama:app``. Model settings
+come from ``LLAMA_*`` environment variables (see README.rst).
 """
 
 import os
