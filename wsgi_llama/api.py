@@ -24,7 +24,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from . import errors, openapi, responses, schemas, stream
 from .config import Settings, load_settings
 from .errors import APIError
-from .pool import Model, Pool
+from .pool import Model, Pool, QueueTimeout
 from .threads import Runner
 
 EXTENSION = "wsgi_llama"
@@ -445,13 +445,7 @@ def _run(
         deadline = time.monotonic() + settings.queue_timeout
         while not ticket.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
-                raise APIError(
-                    f"Waited {settings.queue_timeout:g} s in the queue for model "
-                    f"{model.alias!r}; retry later.",
-                    503,
-                    code="queue_timeout",
-                    headers={"Retry-After": "1"},
-                )
+                raise QueueTimeout(model.alias, settings.queue_timeout)
             if _client_gone(environ):
                 raise APIError("The client closed the request.", 499)
         if _client_gone(environ):

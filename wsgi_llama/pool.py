@@ -134,6 +134,16 @@ class QueueFull(APIError):
         )
 
 
+class QueueTimeout(APIError):
+    def __init__(self, alias: str, waited: float) -> None:
+        super().__init__(
+            f"Waited {waited:g} s in the queue for model {alias!r}; retry later.",
+            503,
+            code="queue_timeout",
+            headers={"Retry-After": "1"},
+        )
+
+
 class Ticket:
     """A place in a model's queue; :meth:`wait` returns True once it is our turn."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import APIError
-from .pool import Model
+from .pool import Model, QueueTimeout
 from .sse import DONE, ClientGone, json_event, pings
 from .threads import Runner, Step
 
@@ -48,12 +48,7 @@ def events(
                 ticket, interval, queue_timeout, None if interval > 0 else gone
             )
         except TimeoutError:
-            raise APIError(
-                f"Waited {queue_timeout:g} s in the queue for model "
-                f"{job.model.alias!r}; retry later.",
-                503,
-                code="queue_timeout",
-            ) from None
+            raise QueueTimeout(job.model.alias, queue_timeout) from None
         if gone is not None and gone():
             return  # left while queued: its prompt is not worth processing
         with job.logits():
