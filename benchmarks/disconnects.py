@@ -34,7 +34,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from live_server import LiveServer
 
 REPO = Path(__file__).resolve().parent.parent
 PING = b": ping\n\n"
@@ -98,58 +98,9 @@ def stats(pid: int) -> Stats:
 # --- a server to measure ------------------------------------------------------
 
 
-class Server:
-    """``gunicorn -k gevent wsgi_llama:app`` on a free port, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-k",
-            "gevent",
-            "-b",
-            f"127.0.0.1:{self.port}",
-            *args,
-            "wsgi_llama:app",
-        ]
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                command,
-                env={**os.environ, **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited:\n{log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"gunicorn did not start:\n{log.read_text()}")
-            time.sleep(0.1)
-
+class Server(LiveServer):
     def workers(self) -> list[int]:
         return children(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(35)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def tiny_model(directory: Path) -> Path:
