@@ -357,19 +357,45 @@ def _tool_choice(
     model: Model,
     server: Server,
 ) -> Any:
-    """The forced tool, checked: llama-cpp-python builds a grammar from it."""
     choice = body.tool_choice
     if not isinstance(choice, dict):
         return choice
     name = (choice.get("function") or {}).get("name")
-    tool = next((t for t in tools if t["function"]["name"] == name), None)
-    if tool is None:
-        raise APIError(
-            f"tool_choice names {name!r}, which is not among the tools.",
-            param="tool_choice",
-        )
-    server.runner.call(model.json_grammar, tool["function"]["parameters"], "tools")
+    functions = [tool["function"] for tool in tools]
+    _forced_function(name, functions, "tool_choice", "tools", model, server)
     return {"type": "function", "function": {"name": name}}
+
+
+def _function_call(
+    body: schemas.ChatCompletionRequest,
+    functions: list[dict[str, Any]],
+    model: Model,
+    server: Server,
+) -> Any:
+    call = body.function_call
+    if not isinstance(call, dict) or "name" not in call:
+        return call
+    name = call["name"]
+    _forced_function(name, functions, "function_call", "functions", model, server)
+    return {"name": name}
+
+
+def _forced_function(
+    name: Any,
+    functions: list[dict[str, Any]],
+    param: str,
+    listed_in: str,
+    model: Model,
+    server: Server,
+) -> None:
+    """Check a forced function: llama-cpp-python builds a grammar from it."""
+    function = next((f for f in functions if f["name"] == name), None)
+    if function is None:
+        raise APIError(
+            f"{param} names {name!r}, which is not among the {listed_in}.",
+            param=param,
+        )
+    server.runner.call(model.json_grammar, function["parameters"], listed_in)
 
 
 def _generate(
@@ -408,27 +434,6 @@ def _client_gone(environ: dict[str, Any]) -> bool:
         return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
     except (OSError, ValueError):
         return True
-
-
-def _function_call(
-    body: schemas.ChatCompletionRequest,
-    functions: list[dict[str, Any]],
-    model: Model,
-    server: Server,
-) -> Any:
-    """The forced legacy function, checked like a forced tool."""
-    call = body.function_call
-    if not isinstance(call, dict) or "name" not in call:
-        return call
-    name = call["name"]
-    function = next((f for f in functions if f["name"] == name), None)
-    if function is None:
-        raise APIError(
-            f"function_call names {name!r}, which is not among the functions.",
-            param="function_call",
-        )
-    server.runner.call(model.json_grammar, function["parameters"], "functions")
-    return {"name": name}
 
 
 def _run(
