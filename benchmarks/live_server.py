@@ -23,6 +23,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def gunicorn_command(bind: str, *args: str) -> list[str]:
+    """The command users run: ``gunicorn -k gevent -b BIND ... wsgi_llama:app``."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-k",
+        "gevent",
+        "-b",
+        bind,
+        *args,
+        "wsgi_llama:app",
+    ]
+
+
 class LiveServer:
     """A gunicorn server on a free port, logging to *log*; ready once built."""
 
@@ -30,20 +45,9 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-k",
-            "gevent",
-            "-b",
-            f"127.0.0.1:{self.port}",
-            *args,
-            "wsgi_llama:app",
-        ]
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                command,
+                gunicorn_command(f"127.0.0.1:{self.port}", *args),
                 env={**os.environ, **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -27,6 +27,7 @@ from openai_schema import validate
 sys.path.insert(0, str(REPO / "benchmarks"))
 import disconnects
 from disconnects import DATA, PING, drop, send
+from live_server import gunicorn_command
 from soak import check_stream
 
 pytestmark = pytest.mark.skipif(
@@ -285,20 +286,9 @@ def test_disconnects_leave_no_threads_memory_or_sockets(start_server: Start) -> 
 
 def boot(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """Start gunicorn as a user would; it must exit by itself."""
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-k",
-        "gevent",
-        "-b",
-        "127.0.0.1:0",
-        *args,
-        "wsgi_llama:app",
-    ]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}
     return subprocess.run(
-        command,
+        gunicorn_command("127.0.0.1:0", *args),
         env={**clean, **env},
         cwd=REPO,
         capture_output=True,
