@@ -11,7 +11,8 @@ and grammars advance as in a generation). Reported: median and p90
 microseconds per call of ``Sampler.sample`` for each chain, beside
 llama-cpp-python's own ``LlamaSampler`` with the same settings where it has
 them, then ``Sampler.logprobs`` (top 5), ``Detokenizer.feed`` and
-``StopMatcher.feed``.
+``StopMatcher.feed``. A chain with a grammar says for how many calls the
+grammar went over the whole vocabulary ("full").
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import llama_cpp
 from llama_cpp import _internals
+from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from wsgi_llama.sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
 
@@ -44,6 +46,16 @@ CHAINS = {
         temperature=0, grammar="root ::= [a-z ]+"
     ),
     "grammar [a-z ]+, default": SamplingParams(seed=1, grammar="root ::= [a-z ]+"),
+    "grammar [a-z ]+, top-k 0": SamplingParams(
+        seed=1, top_k=0, grammar="root ::= [a-z ]+"
+    ),
+    "JSON schema, default": SamplingParams(
+        seed=1,
+        grammar=json_schema_to_gbnf(
+            '{"type": "object", "properties": {"name": {"type": "string"},'
+            ' "tags": {"type": "array", "items": {"type": "string"}}}}'
+        ),
+    ),
 }
 
 
@@ -104,10 +116,12 @@ def main() -> None:
     llama.eval(llama.tokenize(b"The quick brown fox jumps over the lazy"))
     ctx, row = llama.ctx, -1
     print(f"{path.name}: vocabulary of {llama.n_vocab()} tokens; µs per call")
-    print(f"{'chain':36} {'median':>8} {'p90':>8}   {'llama-cpp-python':>16}")
+    print(f"{'chain':44} {'median':>8} {'p90':>8}   {'llama-cpp-python':>16}")
     for name, params in CHAINS.items():
         sampler = Sampler(llama, params)
         median, p90 = timed(lambda s=sampler: s.sample(ctx, row), args.repeat)
+        if sampler.full_scans:
+            name += f" ({sampler.full_scans}/{args.repeat} full)"
         sampler.close()
         other = theirs(llama, params)
         ref = ""
@@ -117,19 +131,19 @@ def main() -> None:
             )
             ref = f"{ref_median:16.1f}"
             other.close()
-        print(f"{name:36} {median:8.1f} {p90:8.1f}   {ref:>16}")
+        print(f"{name:44} {median:8.1f} {p90:8.1f}   {ref:>16}")
     sampler = Sampler(llama, SamplingParams(logprobs=5))
     median, p90 = timed(lambda: sampler.logprobs(ctx, row, 5), args.repeat)
-    print(f"{'logprobs, top 5':36} {median:8.1f} {p90:8.1f}")
+    print(f"{'logprobs, top 5':44} {median:8.1f} {p90:8.1f}")
     sampler.close()
     tokens = llama.tokenize("Grüße, 世界! ".encode() * 50, add_bos=False)
     detok = Detokenizer(llama)
     feeds = iter(tokens * (args.repeat // len(tokens) + 1))
     median, p90 = timed(lambda: detok.feed(next(feeds)), args.repeat)
-    print(f"{'Detokenizer.feed':36} {median:8.1f} {p90:8.1f}")
+    print(f"{'Detokenizer.feed':44} {median:8.1f} {p90:8.1f}")
     matcher = StopMatcher(["</answer>", "\n\nUser:", "###"])
     median, p90 = timed(lambda: matcher.feed("word "), args.repeat)
-    print(f"{'StopMatcher.feed, 3 stops':36} {median:8.1f} {p90:8.1f}")
+    print(f"{'StopMatcher.feed, 3 stops':44} {median:8.1f} {p90:8.1f}")
     llama.close()
 
 

@@ -24,6 +24,7 @@ from wsgi_llama.sampling import (
     Sampler,
     SamplingParams,
     StopMatcher,
+    _best,
 )
 
 PROMPT = b"The quick brown fox"
@@ -181,6 +182,34 @@ def test_same_text_as_llama_cpp_python(llama: llama_cpp.Llama, case: str) -> Non
     )["choices"][0]["text"]
     assert len(ours) == 24
     assert ours == theirs
+
+
+@pytest.mark.parametrize("top_k", [10, 40])
+def test_grammar_shortlist_samples_as_the_whole_vocabulary(
+    llama: llama_cpp.Llama, monkeypatch: pytest.MonkeyPatch, top_k: int
+) -> None:
+    """The grammar tried on the best tokens first: same tokens as llama-cpp-python.
+
+    With top-k 10 the shortlist has enough allowed tokens; with 40 it has too
+    few ([a-z ] is 27 tokens) and the grammar goes over the whole vocabulary.
+    """
+    monkeypatch.setattr(Sampler, "SHORTLIST", 48)
+    params = SamplingParams(seed=5, top_k=top_k, grammar="root ::= [a-z ]+")
+    grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
+    decoder = Decoder(llama)
+    sampler = Sampler(llama, params)
+    (row,) = decoder.decode([(0, prompt(llama))])
+    tokens = []
+    for _ in range(40):
+        tokens.append(sampler.sample(decoder.ctx, row))
+        (row,) = decoder.decode([(0, tokens[-1:])])
+    theirs = llama.create_completion(
+        prompt(llama), max_tokens=40, top_k=top_k, seed=5, grammar=grammar
+    )["choices"][0]["text"]
+    assert text_of(llama, tokens) == theirs
+    assert sampler.full_scans == (0 if top_k == 10 else 40)
+    sampler.close()
+    decoder.close()
 
 
 def test_batched_sequences_sample_as_if_alone(llama: llama_cpp.Llama) -> None:
@@ -350,6 +379,19 @@ def test_logprobs_are_log_softmax_of_raw_logits(
     assert len(full) == llama.n_vocab()
     assert math.isclose(sum(math.exp(v) for v in full.values()), 1.0, rel_tol=1e-4)
     sampler.close()
+
+
+@pytest.mark.parametrize("n", [1, 5, 20, 600])
+@pytest.mark.parametrize("size", [260, 262_151])
+def test_best_of_a_large_vocabulary(n: int, size: int) -> None:
+    """The top-n search by blocks agrees with a full sort, ties included."""
+    rng = np.random.default_rng(n + size)
+    for values in (
+        rng.standard_normal(size).astype(np.float32) * 4,
+        rng.integers(0, 30, size).astype(np.float32),  # many ties
+    ):
+        expected = np.argsort(-values, kind="stable")[:n]
+        assert list(_best(values, n)) == list(expected)
 
 
 def test_no_logprobs_unless_asked(llama: llama_cpp.Llama, decoder: Decoder) -> None:

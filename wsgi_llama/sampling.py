@@ -17,6 +17,7 @@ it is accepted.
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 
 import llama_cpp
@@ -72,11 +73,18 @@ class Sampler:
     :attr:`dead_end`: the sequence should end with finish_reason "stop".
     """
 
-    _head = _grammar = _tail = None
+    #: With a grammar and top-k, the best tokens the grammar is tried on
+    #: before the whole vocabulary.
+    SHORTLIST = 1024
+
+    _head = _grammar = _tail = _shortlist = None
+    _scratch: np.ndarray | None = None
 
     def __init__(self, model: llama_cpp.Llama, params: SamplingParams) -> None:
         self.params = params
         self.dead_end = False
+        #: Tokens for which the grammar went over the whole vocabulary.
+        self.full_scans = 0
         self._model = model  # keeps the vocabulary the grammar points into alive
         vocab = model._model.vocab
         self._n_vocab = n_vocab = model.n_vocab()
@@ -104,6 +112,15 @@ class Sampler:
             self._cur_one = llama_cpp.llama_token_data_array(
                 data=self._one, size=1, selected=-1, sorted=False
             )
+            k = params.top_k
+            shortlisting = (
+                not self._greedy
+                and params.mirostat_mode not in (1, 2)
+                and k > 0
+                and 4 * k <= self.SHORTLIST < n_vocab
+            )
+            if shortlisting:
+                self._shortlist = llama_cpp.llama_sampler_init_top_k(self.SHORTLIST)
 
     def _build(self, vocab: llama_cpp.llama_vocab_p, p: SamplingParams) -> None:
         add = llama_cpp.llama_sampler_chain_add
@@ -162,6 +179,12 @@ class Sampler:
             add(tail, llama_cpp.llama_sampler_init_temp(p.temperature))
             add(tail, llama_cpp.llama_sampler_init_dist(seed))
         self._greedy = p.temperature <= 0
+        self._argmax = (
+            self._greedy
+            and not p.logit_bias
+            and p.grammar is None
+            and _penalties_off(p)
+        )
 
     def sample(self, ctx: llama_cpp.llama_context_p, idx: int) -> int:
         """Sample from row *idx* of the last decode's logits, and accept it.
@@ -176,37 +199,66 @@ class Sampler:
         logits = llama_cpp.llama_get_logits_ith(ctx, idx)
         if not logits:
             raise ValueError(f"the last decode kept no logits for row {idx}")
-        if self._grammar is None:
-            return llama_cpp.llama_sampler_sample(self._head, ctx, idx)
-        return self._sample_grammar(logits)
+        if self._grammar is not None:
+            return self._sample_grammar(logits)
+        if self._argmax:
+            # Nothing in the chain changes a logit or keeps state: the chain
+            # would pick the first highest logit, as this does, 5x faster.
+            values = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+            best = np.flatnonzero(values == values.max())
+            if len(best):
+                return int(best[0])
+        return llama_cpp.llama_sampler_sample(self._head, ctx, idx)
 
     def _sample_grammar(self, logits: ctypes._Pointer) -> int:
         apply = llama_cpp.llama_sampler_apply
-        cur = self._cur
+        cur = ctypes.byref(self._cur)
         values = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
         if self._greedy:
             # The best token overall is the best the grammar allows, if it
             # allows it: one check instead of the grammar over the vocabulary.
             self._fill(values)
-            apply(self._head, ctypes.byref(cur))
-            apply(self._tail, ctypes.byref(cur))
-            best = self._data[cur.selected]
-            one = self._one[0]
-            one.id, one.logit, one.p = int(best["id"]), float(best["logit"]), 0.0
-            self._cur_one.size, self._cur_one.selected = 1, -1
-            apply(self._grammar, ctypes.byref(self._cur_one))
-            if one.logit != -np.inf:
+            apply(self._head, cur)
+            apply(self._tail, cur)
+            best = self._data[self._cur.selected]
+            if self._allows(int(best["id"]), float(best["logit"])):
                 return self._accept(int(best["id"]))
+        elif self._shortlist is not None:
+            # Top-k keeps the k best tokens the grammar allows: if the grammar
+            # allows k of the best few hundred, the rest of the vocabulary
+            # cannot change the outcome, and need not go through the grammar.
+            self._fill(values)
+            apply(self._head, cur)
+            apply(self._shortlist, cur)
+            apply(self._grammar, cur)
+            kept = self._data[: self._cur.size]["logit"]
+            if np.count_nonzero(kept > -np.inf) >= self.params.top_k:
+                self._cur.sorted = False
+                return self._finish()
+        self.full_scans += 1
         self._fill(values)
-        apply(self._head, ctypes.byref(cur))
-        apply(self._grammar, ctypes.byref(cur))
-        apply(self._tail, ctypes.byref(cur))
-        if not 0 <= cur.selected < cur.size:
+        apply(self._head, cur)
+        apply(self._grammar, cur)
+        return self._finish()
+
+    def _finish(self) -> int:
+        """Apply the samplers after the grammar; accept what they choose."""
+        llama_cpp.llama_sampler_apply(self._tail, ctypes.byref(self._cur))
+        selected = self._cur.selected
+        if not 0 <= selected < self._cur.size:
             return self._give_up()
-        chosen = self._data[cur.selected]
+        chosen = self._data[selected]
         if not chosen["logit"] > -np.inf:
             return self._give_up()
         return self._accept(int(chosen["id"]))
+
+    def _allows(self, token: int, logit: float) -> bool:
+        """Whether the grammar allows *token* next."""
+        one = self._one[0]
+        one.id, one.logit, one.p = token, logit, 0.0
+        self._cur_one.size, self._cur_one.selected, self._cur_one.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._cur_one))
+        return one.logit > -np.inf
 
     def _fill(self, values: np.ndarray) -> None:
         data = self._data
@@ -243,20 +295,27 @@ class Sampler:
         pointer = llama_cpp.llama_get_logits_ith(ctx, idx)
         if not pointer:
             raise ValueError(f"the last decode kept no logits for row {idx}")
-        logprobs = log_softmax(np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)))
-        n = min(n, self._n_vocab)
-        top: dict[int, float] = {}
-        if n > 0:
-            best = np.argpartition(-logprobs, n - 1)[:n]
-            best = best[np.lexsort((best, -logprobs[best]))]
-            top = {int(t): float(logprobs[t]) for t in best}
-        return float(logprobs[token]), top
+        values = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        top = _best(values, min(n, self._n_vocab))
+        # log(sum(exp(logits))) without a full row of logprobs: the top-n
+        # need only their own.
+        if self._scratch is None:
+            self._scratch = np.empty(self._n_vocab, np.float32)
+        scratch = self._scratch
+        high = float(values.max())
+        np.subtract(values, high, out=scratch)
+        np.exp(scratch, out=scratch)
+        total = high + math.log(float(scratch.sum(dtype=np.float64)))
+        return float(values[token]) - total, {
+            int(t): float(values[t]) - total for t in top
+        }
 
     def close(self) -> None:
         """Free the chain (idempotent)."""
         head, grammar, tail = self._head, self._grammar, self._tail
-        self._head = self._grammar = self._tail = None
-        for sampler in (head, grammar, None if tail is head else tail):
+        shortlist = self._shortlist
+        self._head = self._grammar = self._tail = self._shortlist = None
+        for sampler in (head, grammar, None if tail is head else tail, shortlist):
             if sampler:
                 llama_cpp.llama_sampler_free(sampler)
 
@@ -267,10 +326,30 @@ class Sampler:
             pass
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities of a row of logits (float32, as llama-cpp-python)."""
-    shifted = logits - logits.max()
-    return shifted - np.log(np.exp(shifted).sum())
+def _best(values: np.ndarray, n: int) -> np.ndarray:
+    """The ids of the *n* highest values, highest first (ties: lower id first).
+
+    A full argpartition of a 262k vocabulary takes milliseconds; the maxima
+    of blocks bound the n-th highest value, so only a few values are sorted.
+    """
+    if n <= 0:
+        return values[:0].astype(np.intp)
+    maxima = np.maximum.reduceat(values, np.arange(0, len(values), 512))
+    if len(maxima) < n:
+        candidates = np.arange(len(values))
+    else:  # n blocks have a value this high at least
+        candidates = np.flatnonzero(values >= np.partition(maxima, -n)[-n])
+    order = np.lexsort((candidates, -values[candidates]))[:n]
+    return candidates[order]
+
+
+def _penalties_off(p: SamplingParams) -> bool:
+    """As llama.cpp decides that its penalties sampler does nothing."""
+    return p.penalty_last_n <= 0 or (
+        p.repeat_penalty == 1.0
+        and p.frequency_penalty == 0.0
+        and p.presence_penalty == 0.0
+    )
 
 
 def _chain() -> llama_cpp.llama_sampler_p:
