@@ -11,7 +11,10 @@ keywords, which JSON Schema 2020-12 ignores (so ``{"type": "string",
 validate with ``Draft202012Validator``.  ``discriminator``, ``x-*`` and other
 unknown keywords are ignored by jsonschema, which is what we want.
 
-Document location: ``$OPENAI_OPENAPI_JSON`` or ``<repo>/../shared/openai-openapi.json``.
+Document: ``tests/data/openai-schemas.json``, the schemas the tests use (and
+all they reference), extracted from OpenAI's document by
+``tests/data/extract_openai_schemas.py``, which records the version.  Set
+``$OPENAI_OPENAPI_JSON`` to validate against a whole document instead.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _document_path() -> Path:
     env = os.environ.get("OPENAI_OPENAPI_JSON")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "openai-openapi.json"
+    return Path(__file__).resolve().parent / "data" / "openai-schemas.json"
 
 
 def _is_bare_nullable(schema: Any) -> bool:
@@ -94,7 +97,7 @@ def _fix(schema: Any) -> Any:
 
 @functools.cache
 def _schemas() -> dict[str, Any]:
-    """Load and rewrite ``components.schemas`` (only once: the file is 3.4 MB)."""
+    """Load and rewrite ``components.schemas`` once (a whole document: 3.4 MB)."""
     path = _document_path()
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; set OPENAI_OPENAPI_JSON")

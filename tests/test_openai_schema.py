@@ -4,6 +4,8 @@ and rejects realistic mistakes, naming the JSON path of the failure."""
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +236,35 @@ def test_document_path_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_OPENAPI_JSON", "/elsewhere/openapi.json")
     assert openai_schema._document_path() == Path("/elsewhere/openapi.json")
     monkeypatch.delenv("OPENAI_OPENAPI_JSON")
-    assert openai_schema._document_path().parts[-2:] == (
-        "shared",
-        "openai-openapi.json",
-    )
+    default = openai_schema._document_path()
+    assert default == Path(__file__).parent / "data" / "openai-schemas.json"
+    assert default.is_file()  # inside the repository: a plain clone has it
+
+
+def test_vendored_schemas_are_complete_and_attributed() -> None:
+    """Every ``$ref`` resolves inside the extract, and it says where it came from."""
+    document = json.loads(openai_schema._document_path().read_text("utf-8"))
+    names = document["components"]["schemas"].keys()
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs <= names, sorted(refs - names)
+    origin = document["x-extract"]
+    assert origin["source"].startswith("https://github.com/openai/openai-openapi")
+    assert origin["version"] and origin["extracted"]
+    assert "Permission is hereby granted" in origin["licence"]
+    assert set(origin["roots"]) <= names
+
+
+def test_extract_follows_refs_transitively() -> None:
+    from data.extract_openai_schemas import extract
+
+    ref = "#/components/schemas/"
+    schemas = {
+        "Root": {"properties": {"a": {"$ref": ref + "A"}}},
+        "A": {"anyOf": [{"$ref": ref + "B"}, {"type": "null"}]},
+        "B": {"items": {"$ref": ref + "A"}},  # a cycle
+        "Unused": {"type": "string"},
+    }
+    document = {"info": {"version": "9"}, "components": {"schemas": schemas}}
+    out = extract(document, ("Root",))
+    assert sorted(out["components"]["schemas"]) == ["A", "B", "Root"]
+    assert out["x-extract"]["version"] == "9"
