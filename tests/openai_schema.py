@@ -30,7 +30,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-__all__ = ["validate"]
+__all__ = ["has_property", "property_accepts", "validate"]
 
 _URI = "urn:openai-openapi"
 # Keywords whose value is one subschema / a list of them / a name -> subschema map.
@@ -140,3 +140,43 @@ def validate(instance: object, schema_name: str) -> None:
         schema_path=error.schema_path,
         context=error.context,
     ) from error
+
+
+def _property_pointer(schema_name: str, prop: str) -> str | None:
+    """JSON pointer to *prop* of a schema, looking through ``allOf`` and ``$ref``."""
+
+    def search(pointer: str, schema: Any) -> str | None:
+        if not isinstance(schema, dict):
+            return None
+        if prop in schema.get("properties", {}):
+            return f"{pointer}/properties/{prop}"
+        ref = schema.get("$ref", "")
+        if ref.startswith("#/components/schemas/"):
+            name = ref.rsplit("/", 1)[1]
+            return search(f"/components/schemas/{name}", _schemas()[name])
+        for i, member in enumerate(schema.get("allOf", [])):
+            found = search(f"{pointer}/allOf/{i}", member)
+            if found is not None:
+                return found
+        return None
+
+    return search(f"/components/schemas/{schema_name}", _schemas()[schema_name])
+
+
+def has_property(schema_name: str, prop: str) -> bool:
+    return _property_pointer(schema_name, prop) is not None
+
+
+def property_accepts(schema_name: str, prop: str, value: object) -> bool:
+    """Whether OpenAI's schema allows *value* as *prop* of *schema_name*."""
+    pointer = _property_pointer(schema_name, prop)
+    if pointer is None:
+        raise KeyError(f"{schema_name} has no property {prop!r}")
+    return _pointer_validator(pointer).is_valid(value)
+
+
+@functools.cache
+def _pointer_validator(pointer: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"{_URI}#{pointer}"}, registry=_registry()
+    )

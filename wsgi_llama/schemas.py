@@ -2,6 +2,8 @@
 
 Field names and defaults follow llama-cpp-python's server, so its clients
 work unchanged; unknown fields are ignored, as OpenAI clients send many.
+Types are strict, as OpenAI's are: ``"3"`` is not a number and ``true`` not
+an integer (JSON has no integer/float split, so ``1`` is a float).
 Validation errors become 400s that name the field.
 """
 
@@ -11,11 +13,20 @@ import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from .errors import APIError
 
-_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
+_TOKEN_ID = re.compile(r"-?[0-9]+")
+_TOKEN_DIGITS = 12  # longer ids are out of any vocabulary's range
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(strict=True)]
@@ -23,7 +34,7 @@ TokenId = Annotated[int, Field(strict=True)]
 
 class Body(BaseModel):
     # Python's json accepts NaN and Infinity; no field here means them.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(Body):
@@ -61,7 +72,11 @@ class Sampling(Body):
     def _token_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
             if not _TOKEN_ID.fullmatch(key):
-                raise ValueError(f"keys must be token ids, got {key!r}")
+                raise ValueError(f"keys must be token ids, got {key[:20]!r}")
+            if len(key.lstrip("-")) > _TOKEN_DIGITS:
+                raise PydanticCustomError(
+                    "invalid_token_id", f"token id {key[:20]}... is out of range"
+                )
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be between -100 and 100, got {bias}")
         return value
@@ -108,10 +123,20 @@ class ToolCall(Body):
 
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
+        # As OpenAI: only assistant messages (which may carry tool calls
+        # instead) and legacy function results may go without content.
+        role = info.data.get("role")
+        if value is None and role not in {None, "assistant", "function"}:
+            raise PydanticCustomError("missing", f"{role} messages need content")
+        return value
 
     def to_llama(self) -> dict[str, Any]:
         """The message as llama-cpp-python's chat templates expect it."""
@@ -169,6 +194,29 @@ class ChatCompletionRequest(Sampling):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_named(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        function = value.get("function")
+        if (
+            value.get("type") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+        ):
+            raise ValueError(
+                'an object must be {"type": "function", "function": {"name": ...}}'
+            )
+        return value
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_named(cls, value: Any) -> Any:
+        if isinstance(value, dict) and not isinstance(value.get("name"), str):
+            raise ValueError("an object must have a string name")
+        return value
 
 
 class EmbeddingRequest(Body):
@@ -230,9 +278,14 @@ def parse(model: type[B], raw: bytes) -> B:
     except ValidationError as exc:
         error = exc.errors()[0]
         param = _param(error["loc"])
-        raise APIError(
-            f"Invalid value for '{param}': {error['msg']}", param=param
-        ) from None
+        if error["type"] == "missing":
+            message = f"Missing required parameter: '{param}'."
+            if error["msg"] != "Field required":
+                message += f" {error['msg'][0].upper()}{error['msg'][1:]}."
+        else:
+            message = f"Invalid value for '{param}': {error['msg']}"
+        code = "invalid_token_id" if error["type"] == "invalid_token_id" else None
+        raise APIError(message, param=param, code=code) from None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
