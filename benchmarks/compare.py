@@ -1,0 +1,989 @@
+"""wsgi-llama beside its peers: llama-cpp-python's server and llama.cpp's own.
+
+Prints figures and the targets of continuous batching beside them; it is not
+a test and asserts nothing. On Gemma 3 270M (the ``demo`` extra)::
+
+    python benchmarks/compare.py [--reps 3] [--quick] [--json out.json]
+        [--lcp-venv DIR] [--llama-server-bin FILE] [--servers NAMES]
+
+Each server runs alone (start, measure, stop), behind the OpenAI HTTP API
+(``/v1/completions``, temperature 0, httpx on loopback):
+
+- ``wsgi-llama``: ``gunicorn -k gevent wsgi_llama:app``, one worker, with the
+  environment's ``LLAMA_*`` keys (``LLAMA_PARALLEL=1 python ...`` measures
+  one-at-a-time) and ``LLAMA_PING_INTERVAL=1``;
+- ``llama-cpp-python``: ``python -m llama_cpp.server`` from the venv in
+  ``--lcp-venv`` or ``$LCP_SERVER_VENV`` (skipped when absent), with
+  ``--n_threads`` = cores and ``--interrupt_requests False`` (by default it
+  cuts a stream short whenever another request arrives); otherwise its
+  defaults, ``logits_all`` included;
+- ``llama.cpp``: the ``llama-server`` binary named by ``--llama-server-bin`` or
+  ``$LLAMA_SERVER_BIN`` (skipped when absent), with ``--parallel 4
+  --kv-unified --cont-batching`` (what its automatic default resolves to)
+  and its default threads.
+
+Every rep of a server is paired with llama-cpp-python in-process (a child
+process holding its own ``Llama``, wsgi-llama's settings: every core,
+``logits_all`` off): the same stream and the same long prompt, run just
+before the server's, since this machine's speed drifts. Figures, per rep:
+
+- time to first token and stream tokens/s (tokens after the first over the
+  time from the first to the last) of one stream after a short prompt;
+- prefill: time to the one token of a request with a ~1.6k-token prompt;
+- wall time of 4 and of 8 concurrent 48-token streams;
+- 200 simultaneous short requests (8 tokens, not streamed): served, refused
+  (503/429), other failures, wall time;
+- tokens/s of one stream with a CPU hog beside the server (a
+  ``python -c 'while True: pass'`` process, killed afterwards), over a
+  bounded window;
+- second turn of a chat: Gemma 3 270M has no chat template, so the honest
+  equivalent is a completion whose prompt extends the previous prompt and
+  its answer; TTFT of turn 1 (~800 new tokens) and of turn 2;
+- heartbeat gaps (wsgi-llama only): the silence before each ``: ping`` while
+  a long prompt runs beside three streams; ideal: 1 s;
+- peak RSS (``VmHWM`` from /proc) of the serving process.
+
+Every prompt is new (its first words carry a counter), so no server reuses a
+prefix except where the chat measures it. All servers listen on 127.0.0.1 and
+everything started is stopped at the end, on errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from live_server import REPO, LiveServer, free_port
+from throughput import cores, default_model, vm_hwm, worker_of
+
+TOPICS = ["rivers", "bridges", "libraries", "gardens", "railways", "lighthouses"]
+NAMES = ["Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel"]
+STREAM_SUBJECTS = ["a fox", "the sea", "a clock", "an old map", "the moon"]
+STREAM_SUBJECTS += ["a baker", "a train", "the rain"]
+PING_INTERVAL = 1.0
+SERVERS = ("wsgi-llama", "llama-cpp-python", "llama.cpp")
+
+
+# -- prompts ------------------------------------------------------------------
+
+
+class Prompts:
+    """Fresh prompts: each starts with its own counter, so no prefix is reused."""
+
+    def __init__(self, model: Path) -> None:
+        import llama_cpp
+
+        self.vocab = llama_cpp.Llama(
+            model_path=str(model), vocab_only=True, verbose=False
+        )
+        self.counter = 0
+        self.chapters: dict[int, int] = {}
+
+    def _opening(self) -> str:
+        self.counter += 1
+        return f"{NAMES[self.counter % len(NAMES)]} {self.counter}"
+
+    def count(self, text: str) -> int:
+        return len(self.vocab.tokenize(text.encode()))
+
+    def short(self) -> str:
+        return f"{self._opening()}. Once upon a time"
+
+    def stream(self, i: int) -> str:
+        return f"{self._opening()}. A story about {STREAM_SUBJECTS[i % 8]}:"
+
+    def long(self, target: int) -> str:
+        """A report of about *target* tokens (never more)."""
+        opening = self._opening()
+        if target not in self.chapters:
+            n = 1
+            while self.count(_report(opening, n + 1)) <= target:
+                n += 1
+            self.chapters[target] = n
+        return _report(opening, self.chapters[target])
+
+    def close(self) -> None:
+        self.vocab.close()
+
+
+def _report(opening: str, chapters: int) -> str:
+    return f"{opening} report.\n" + "".join(
+        f"Chapter {i + 1}: {topic}. People have written about {topic} for "
+        f"centuries, describing how {topic} shaped the towns around them, who "
+        f"built and kept them, and what travellers noticed when they first "
+        f"arrived. This chapter compares those notes with what we know today "
+        f"about {topic}.\n"
+        for i, topic in ((i, TOPICS[i % len(TOPICS)]) for i in range(chapters))
+    )
+
+
+# -- one request --------------------------------------------------------------
+
+
+def stream(
+    client: httpx.Client,
+    url: str,
+    prompt: str,
+    max_tokens: int,
+    deadline: float | None = None,
+) -> dict[str, Any]:
+    """One streamed completion, timed as a client sees it.
+
+    Tokens are the events with text; ``pings`` holds, for each SSE comment, the
+    silence before it (since the headers or the previous frame). Past
+    *deadline* (a ``perf_counter`` time) the stream is dropped.
+    """
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    times: list[float] = []
+    pings: list[float] = []
+    text: list[str] = []
+    with client.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            return {"status": response.status_code, "tokens": 0, "error": response.text}
+        previous = time.perf_counter()
+        for line in response.iter_lines():
+            now = time.perf_counter()
+            if line.startswith(":"):
+                pings.append(now - previous)
+                previous = now
+                continue
+            if not line.startswith("data:"):
+                continue
+            previous = now
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                return {"status": 200, "tokens": len(times), "error": event["error"]}
+            choices = event.get("choices") or []
+            if choices and choices[0].get("text"):
+                times.append(now)
+                text.append(choices[0]["text"])
+            if deadline is not None and now > deadline:
+                break
+    end = time.perf_counter()
+    result: dict[str, Any] = {
+        "status": 200,
+        "tokens": len(times),
+        "text": "".join(text),
+        "pings": pings,
+        "start": start,
+        "end": end,
+    }
+    if times:
+        result["ttft"] = times[0] - start
+        if len(times) > 1:
+            result["tok_s"] = (len(times) - 1) / (times[-1] - times[0])
+    return result
+
+
+def together(n: int, work: Callable[[int], Any]) -> tuple[list[Any], float]:
+    """Run work(0..n-1) in n threads released at once; results and wall time."""
+    barrier = threading.Barrier(n + 1)
+    results: list[Any] = [None] * n
+    ends = [0.0] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:
+            results[i] = exc
+        ends[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join(900)
+    return results, max(ends) - start
+
+
+# -- the servers --------------------------------------------------------------
+
+
+class Peer:
+    """A server subprocess on loopback; ``pid`` is the process that serves."""
+
+    name = ""
+    ready_path = "/health"
+
+    def __init__(self, command: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self.port = int(command[command.index("--port") + 1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{_tail(log)}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start in 180 s:\n{_tail(log)}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class LlamaCppServer(Peer):
+    name = "llama.cpp"
+
+    def __init__(self, binary: Path, model: Path, log: Path, parallel: int) -> None:
+        command = [str(binary), "-m", str(model), "--host", "127.0.0.1"]
+        command += ["--port", str(free_port()), "--parallel", str(parallel)]
+        command += ["--kv-unified", "--cont-batching"]
+        self.command = command
+        super().__init__(command, log, dict(os.environ))
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            props = httpx.get(self.url + "/props", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+        settings = props.get("default_generation_settings") or {}
+        return {
+            "command": " ".join(self.command),
+            "total_slots": props.get("total_slots"),
+            "n_ctx": settings.get("n_ctx"),
+            "build_info": props.get("build_info"),
+        }
+
+
+class LcpServer(Peer):
+    name = "llama-cpp-python"
+    ready_path = "/v1/models"
+
+    def __init__(self, venv: Path, model: Path, log: Path) -> None:
+        n = str(cores())
+        command = [str(venv / "bin" / "python"), "-m", "llama_cpp.server"]
+        command += ["--model", str(model), "--host", "127.0.0.1"]
+        command += ["--port", str(free_port()), "--n_threads", n]
+        command += ["--n_threads_batch", n, "--interrupt_requests", "False"]
+        self.command = command
+        super().__init__(command, log, dict(os.environ))
+
+    def describe(self) -> dict[str, Any]:
+        return {"command": " ".join(self.command)}
+
+
+class WsgiLlama:
+    """``gunicorn -k gevent wsgi_llama:app``, one worker, heartbeats every 1 s."""
+
+    name = "wsgi-llama"
+
+    def __init__(self, model: Path, log: Path) -> None:
+        env = {"LLAMA_MODEL": str(model), "LLAMA_PING_INTERVAL": str(PING_INTERVAL)}
+        args = ("--timeout", "300", "--log-level", "warning")
+        self.server = LiveServer(env, log, *args)
+        self.url = self.server.url
+        try:
+            self.pid = worker_of(self.server.process.pid)
+        except RuntimeError:
+            self.server.stop()
+            raise
+
+    def describe(self) -> dict[str, Any]:
+        keys = {k: v for k, v in os.environ.items() if k.startswith("LLAMA_")}
+        keys.pop("LLAMA_SERVER_BIN", None)
+        return {"command": "gunicorn -k gevent wsgi_llama:app", "env": keys}
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class Direct:
+    """llama-cpp-python in-process, in a child process of its own (its own RSS)."""
+
+    def __init__(self, model: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--direct-child", str(model)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def call(self, **job: Any) -> dict[str, Any]:
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the in-process llama-cpp-python child died")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def direct_child(model: str) -> None:
+    """Serve Direct.call: stream a completion in this process and time it."""
+    import llama_cpp
+
+    n = cores()
+    llama = llama_cpp.Llama(
+        model_path=model,
+        n_ctx=2048,
+        n_threads=n,
+        n_threads_batch=n,
+        logits_all=False,
+        verbose=False,
+    )
+    for line in sys.stdin:
+        job = json.loads(line)
+        if job["op"] == "rss":
+            result: dict[str, Any] = {"rss": vm_hwm(os.getpid())}
+        else:
+            start = time.perf_counter()
+            times = []
+            for chunk in llama.create_completion(
+                job["prompt"], max_tokens=job["max_tokens"], temperature=0, stream=True
+            ):
+                if chunk["choices"][0]["text"]:  # type: ignore[index]
+                    times.append(time.perf_counter())
+            result = {"tokens": len(times)}
+            if times:
+                result["ttft"] = times[0] - start
+            if len(times) > 1:
+                result["tok_s"] = (len(times) - 1) / (times[-1] - times[0])
+        print(json.dumps(result), flush=True)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# -- measuring one server -----------------------------------------------------
+
+
+class Plan:
+    """Sizes of the measures; --quick shrinks what can shrink."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.reps = args.reps if args.reps else (1 if args.quick else 3)
+        self.stream_tokens = 64 if args.quick else 128
+        self.long_tokens = 1600
+        self.chat_tokens = 800
+        self.hog_window = 8.0 if args.quick else 15.0
+        self.burst = 200
+        self.burst_tokens = 8
+
+
+def measure_server(
+    server: Any,
+    direct: Direct,
+    prompts: Prompts,
+    plan: Plan,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    timeout = httpx.Timeout(300, connect=30, pool=300)
+    reps: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"reps": reps}
+    with httpx.Client(limits=limits, timeout=timeout) as client:
+        try:
+            stream(client, server.url, prompts.short(), 8)  # warm-up: weights paged in
+            for rep in range(plan.reps):
+                reps.append(
+                    measure_rep(server, client, direct, prompts, plan, log, rep)
+                )
+        except Exception as exc:  # keep the reps done; report, go on
+            log(f"{server.name} failed after {len(reps)} rep(s): {exc!r}")
+            result["error"] = f"after {len(reps)} rep(s): {exc!r}"
+    result["rss"] = vm_hwm(server.pid)
+    return result
+
+
+def measure_rep(
+    server: Any,
+    client: httpx.Client,
+    direct: Direct,
+    prompts: Prompts,
+    plan: Plan,
+    log: Callable[[str], None],
+    rep: int,
+) -> dict[str, Any]:
+    url = server.url
+    name = f"{server.name} rep {rep + 1}"
+    figures: dict[str, Any] = {}
+
+    text = prompts.short()
+    paired = direct.call(op="stream", prompt=text, max_tokens=plan.stream_tokens)
+    one = stream(client, url, text, plan.stream_tokens)
+    figures.update(
+        ttft=one.get("ttft"),
+        tok_s=one.get("tok_s"),
+        stream_tokens=one["tokens"],
+        direct_ttft=paired.get("ttft"),
+        direct_tok_s=paired.get("tok_s"),
+    )
+    log(
+        f"{name}: stream {one['tokens']} tokens, TTFT {_ms(one.get('ttft'))} ms, "
+        f"{_f(one.get('tok_s'))} tok/s (in-process: {_ms(paired.get('ttft'))} ms, "
+        f"{_f(paired.get('tok_s'))} tok/s)"
+    )
+
+    text = prompts.long(plan.long_tokens)
+    figures["prompt_tokens"] = prompts.count(text)
+    paired = direct.call(op="stream", prompt=text, max_tokens=1)
+    one = stream(client, url, text, 1)
+    figures.update(prefill=one.get("ttft"), direct_prefill=paired.get("ttft"))
+    log(
+        f"{name}: prefill of {figures['prompt_tokens']} tokens "
+        f"{_f(one.get('ttft'), 2)} s (in-process {_f(paired.get('ttft'), 2)} s)"
+    )
+
+    for n in (4, 8):
+        texts = [prompts.stream(i) for i in range(n)]
+        results, wall = together(n, lambda i, t=texts: stream(client, url, t[i], 48))
+        done = [r for r in results if isinstance(r, dict) and r.get("tokens") == 48]
+        figures[f"streams_{n}"] = wall
+        figures[f"streams_{n}_complete"] = len(done)
+        figures[f"streams_{n}_tokens"] = sum(
+            r.get("tokens", 0) for r in results if isinstance(r, dict)
+        )
+        log(f"{name}: {n} x 48-token streams in {wall:.2f} s, {len(done)} complete")
+
+    figures.update(chat(client, url, prompts, plan))
+    log(
+        f"{name}: chat TTFT turn 1 {_ms(figures['chat_ttft_1'])} ms, "
+        f"turn 2 {_ms(figures['chat_ttft_2'])} ms"
+    )
+
+    figures.update(burst(client, url, plan))
+    log(
+        f"{name}: {plan.burst} short requests at once: {figures['burst_served']} "
+        f"served, {figures['burst_refused']} refused, {figures['burst_failed']} "
+        f"failed, {figures['burst_wall']:.2f} s"
+    )
+
+    figures.update(hogged(client, url, prompts, plan))
+    log(
+        f"{name}: with a CPU hog: {_f(figures.get('hog_tok_s'))} tok/s "
+        f"({figures['hog_tokens']} tokens in {plan.hog_window:.0f} s window)"
+    )
+
+    if isinstance(server, WsgiLlama):
+        figures.update(heartbeats(client, url, prompts, plan))
+        log(
+            f"{name}: heartbeat gaps p50 {_ms(figures['ping_p50'])} ms, p99 "
+            f"{_ms(figures['ping_p99'])} ms over {figures['pings']} pings"
+        )
+    return figures
+
+
+def chat(
+    client: httpx.Client, url: str, prompts: Prompts, plan: Plan
+) -> dict[str, Any]:
+    """Two turns; the second prompt extends the first prompt and its answer."""
+    first = (
+        prompts.long(plan.chat_tokens)
+        + "\nQuestion: What is this report about?\nAnswer:"
+    )
+    one = stream(client, url, first, 24)
+    second = (
+        first + one.get("text", "") + "\nQuestion: Which chapter is longest?\nAnswer:"
+    )
+    two = stream(client, url, second, 8)
+    return {"chat_ttft_1": one.get("ttft"), "chat_ttft_2": two.get("ttft")}
+
+
+def burst(client: httpx.Client, url: str, plan: Plan) -> dict[str, Any]:
+    """plan.burst short completions at once, not streamed."""
+
+    def one(i: int) -> int:
+        body = {
+            "prompt": f"Guest {i} knocks at the door. The host says",
+            "max_tokens": plan.burst_tokens,
+            "temperature": 0,
+        }
+        response = client.post(url + "/v1/completions", json=body)
+        if response.status_code == 200 and response.json().get("choices"):
+            return 200
+        return response.status_code
+
+    results, wall = together(plan.burst, one)
+    served = sum(1 for r in results if r == 200)
+    refused = sum(1 for r in results if r in (429, 503))
+    failures = [r for r in results if r not in (200, 429, 503)]
+    return {
+        "burst_served": served,
+        "burst_refused": refused,
+        "burst_failed": len(failures),
+        "burst_failure_sample": repr(failures[0])[:200] if failures else None,
+        "burst_wall": wall,
+    }
+
+
+@contextmanager
+def cpu_hog() -> Iterator[subprocess.Popen[bytes]]:
+    """Another process keeping one core busy, killed on the way out."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield hog
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def hogged(
+    client: httpx.Client, url: str, prompts: Prompts, plan: Plan
+) -> dict[str, Any]:
+    """One stream beside a CPU hog, cut after plan.hog_window seconds."""
+    text = prompts.short()
+    with cpu_hog():
+        deadline = time.perf_counter() + plan.hog_window
+        one = stream(client, url, text, plan.stream_tokens, deadline=deadline)
+    # A dropped stream may leave the server busy for one more step: let it end.
+    stream(client, url, prompts.short(), 1)
+    speed = one.get("tok_s")
+    if speed is None:  # fewer than two tokens in the window
+        speed = one["tokens"] / plan.hog_window
+    return {
+        "hog_tok_s": speed,
+        "hog_tokens": one["tokens"],
+        "hog_ttft": one.get("ttft"),
+    }
+
+
+def heartbeats(
+    client: httpx.Client, url: str, prompts: Prompts, plan: Plan
+) -> dict[str, Any]:
+    """Gaps before each ``: ping`` while a long prompt runs beside three streams."""
+    texts = [prompts.long(plan.long_tokens)] + [prompts.stream(i) for i in range(3)]
+    sizes = [16, 48, 48, 48]
+    results, _ = together(4, lambda i: stream(client, url, texts[i], sizes[i]))
+    gaps = sorted(g for r in results if isinstance(r, dict) for g in r.get("pings", []))
+    return {
+        "pings": len(gaps),
+        "ping_gaps": gaps,
+        "ping_p50": _quantile(gaps, 0.5),
+        "ping_p99": _quantile(gaps, 0.99),
+    }
+
+
+# -- summaries, targets and the table -----------------------------------------
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _values(result: dict[str, Any], key: str) -> list[float]:
+    return [r[key] for r in result["reps"] if r.get(key) is not None]
+
+
+def _median(result: dict[str, Any] | None, key: str) -> float | None:
+    values = _values(result, key) if result else []
+    return statistics.median(values) if values else None
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Medians over reps, and the paired ratios against in-process."""
+    keys = [
+        "ttft", "tok_s", "prefill", "streams_4", "streams_8", "burst_served",
+        "burst_refused", "burst_failed", "burst_wall", "hog_tok_s", "chat_ttft_1",
+        "chat_ttft_2", "direct_ttft", "direct_tok_s", "direct_prefill",
+    ]  # fmt: skip
+    summary = {key: _median(result, key) for key in keys}
+    pairs = {
+        "ttft_minus_direct": ("ttft", "direct_ttft", lambda a, b: a - b),
+        "tok_s_over_direct": ("tok_s", "direct_tok_s", lambda a, b: a / b),
+        "prefill_over_direct": ("prefill", "direct_prefill", lambda a, b: a / b),
+        "hog_over_quiet": ("hog_tok_s", "tok_s", lambda a, b: a / b),
+        "chat_turn2_over_turn1": ("chat_ttft_2", "chat_ttft_1", lambda a, b: a / b),
+    }
+    for name, (a, b, combine) in pairs.items():
+        values = [combine(r[a], r[b]) for r in result["reps"] if r.get(a) and r.get(b)]
+        summary[name] = statistics.median(values) if values else None
+    gaps = [g for r in result["reps"] for g in r.get("ping_gaps", [])]
+    summary["pings"] = len(gaps)
+    summary["ping_p50"] = _quantile(gaps, 0.5)
+    summary["ping_p99"] = _quantile(gaps, 0.99)
+    summary["rss_mb"] = result["rss"] / 2**20
+    return summary
+
+
+def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for wsgi-llama; None where a reference is missing.
+
+    Speeds are compared as ratios to the in-process run paired with each rep,
+    so the machine's drift between servers cancels out; wall times, counts
+    and memory are compared as measured.
+    """
+    ours = results.get("wsgi-llama", {}).get("summary")
+    ref = results.get("llama.cpp", {}).get("summary")
+    if not ours:
+        return []
+
+    def check(name: str, goal: str, value: str, met: bool | None) -> dict[str, Any]:
+        return {"target": name, "goal": goal, "measured": value, "met": met}
+
+    def vs_ref(key: str, factor: float, better: str) -> tuple[str, bool | None]:
+        mine, theirs = ours.get(key), ref.get(key) if ref else None
+        if mine is None or theirs is None:
+            return f"{_f(mine, 2)} vs -", None
+        met = mine <= factor * theirs if better == "low" else mine >= factor * theirs
+        return f"{_f(mine, 2)} vs {_f(theirs, 2)}", met
+
+    rows = []
+    for n in (4, 8):
+        value, met = vs_ref(f"streams_{n}", 1.0, "low")
+        rows.append(
+            check(f"{n} x 48-token streams", "wall <= llama.cpp's (s)", value, met)
+        )
+    value, met = vs_ref("burst_wall", 1.0, "low")
+    served = ours["burst_served"]
+    all_served = served is not None and served >= 200
+    rows.append(
+        check(
+            "200 short requests at once",
+            "200 served, wall <= llama.cpp's (s)",
+            f"{_f(served, 0)} served; {value}",
+            met if all_served else False,
+        )
+    )
+    value, met = vs_ref("tok_s_over_direct", 0.95, "high")
+    rows.append(
+        check("stream tok/s", ">= 0.95 x llama.cpp's (ratio to in-process)", value, met)
+    )
+    diff = ours["ttft_minus_direct"]
+    rows.append(
+        check(
+            "time to first token",
+            "<= in-process + 3 ms (paired)",
+            f"{_ms(diff, signed=True)} ms",
+            None if diff is None else diff <= 0.003,
+        )
+    )
+    value, met = vs_ref("prefill_over_direct", 1.05, "low")
+    rows.append(
+        check(
+            "prefill 1.6k tokens",
+            "<= 1.05 x llama.cpp's (ratio to in-process)",
+            value,
+            met,
+        )
+    )
+    ratio = ours["chat_turn2_over_turn1"]
+    rows.append(
+        check(
+            "second chat turn TTFT",
+            "<= 1/3 of the first's",
+            f"{_f(ratio, 2)} of it",
+            None if ratio is None else ratio <= 1 / 3,
+        )
+    )
+    p99 = ours["ping_p99"]
+    rows.append(
+        check(
+            "heartbeat gap p99",
+            f"<= {PING_INTERVAL * 1000:.0f} + 50 ms",
+            f"{_ms(p99)} ms ({ours['pings']} pings)",
+            None if p99 is None else p99 <= PING_INTERVAL + 0.05,
+        )
+    )
+    value, met = vs_ref("rss_mb", 1.5, "low")
+    rows.append(check("RSS", "<= 1.5 x llama.cpp's (MB)", value, met))
+    hog = ours["hog_over_quiet"]
+    rows.append(
+        check(
+            "one core busy elsewhere",
+            ">= 0.5 x quiet tok/s",
+            f"{_f(hog, 2)} x",
+            None if hog is None else hog >= 0.5,
+        )
+    )
+    return rows
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ms(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:+.0f}" if signed else f"{value * 1000:.0f}"
+
+
+def _cell(
+    result: dict[str, Any] | None, key: str, digits: int, scale: float = 1
+) -> str:
+    values = [v * scale for v in _values(result, key)] if result else []
+    if not values:
+        return "-"
+    text = f"{statistics.median(values):.{digits}f}"
+    if len(values) > 1 and round(min(values), digits) != round(max(values), digits):
+        text += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return text
+
+
+def table(results: dict[str, dict[str, Any]], direct: dict[str, Any]) -> str:
+    names = [n for n in SERVERS if results.get(n, {}).get("reps")]
+    columns = ["in-process", *names]
+    data = {n: results[n] for n in names}
+    # The in-process column: every pairing of every server, pooled.
+    pooled = {
+        "reps": [
+            {
+                "ttft": r.get("direct_ttft"),
+                "tok_s": r.get("direct_tok_s"),
+                "prefill": r.get("direct_prefill"),
+            }
+            for n in names
+            for r in results[n]["reps"]
+        ]
+    }
+    data["in-process"] = pooled
+    rows: list[tuple[str, Callable[[str], str]]] = [
+        ("time to first token (ms)", lambda n: _cell(data[n], "ttft", 0, 1000)),
+        ("stream (tok/s)", lambda n: _cell(data[n], "tok_s", 1)),
+        ("  in-process paired (tok/s)", lambda n: _cell(data[n], "direct_tok_s", 1)),
+        ("prefill ~1.6k tokens (s)", lambda n: _cell(data[n], "prefill", 2)),
+        ("4 x 48-token streams (s)", lambda n: _cell(data[n], "streams_4", 2)),
+        ("8 x 48-token streams (s)", lambda n: _cell(data[n], "streams_8", 2)),
+        ("200 at once: served", lambda n: _cell(data[n], "burst_served", 0)),
+        ("200 at once: refused", lambda n: _cell(data[n], "burst_refused", 0)),
+        ("200 at once: wall (s)", lambda n: _cell(data[n], "burst_wall", 2)),
+        ("with a CPU hog (tok/s)", lambda n: _cell(data[n], "hog_tok_s", 1)),
+        ("chat turn 1 TTFT (ms)", lambda n: _cell(data[n], "chat_ttft_1", 0, 1000)),
+        ("chat turn 2 TTFT (ms)", lambda n: _cell(data[n], "chat_ttft_2", 0, 1000)),
+        ("heartbeat gap p50/p99 (ms)", lambda n: _pings(data[n])),
+        ("peak RSS (MB)", lambda n: _rss(n, data, direct)),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    col = 22
+    lines = [f"{'':{width}}" + "".join(f"{c:>{col}}" for c in columns)]
+    for label, cell in rows:
+        lines.append(f"{label:{width}}" + "".join(f"{cell(c):>{col}}" for c in columns))
+    return "\n".join(lines)
+
+
+def _pings(result: dict[str, Any]) -> str:
+    gaps = [g for r in result["reps"] for g in r.get("ping_gaps", [])]
+    if not gaps:
+        return "-"
+    return f"{_ms(_quantile(gaps, 0.5))}/{_ms(_quantile(gaps, 0.99))} n={len(gaps)}"
+
+
+def _rss(name: str, data: dict[str, Any], direct: dict[str, Any]) -> str:
+    rss = direct.get("rss") if name == "in-process" else data[name].get("rss")
+    return "-" if rss is None else f"{rss / 2**20:.0f}"
+
+
+def target_lines(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no wsgi-llama figures: no targets)"
+    width = max(len(r["target"]) for r in rows) + 2
+    goal = max(len(r["goal"]) for r in rows) + 2
+    verdict = {True: "met", False: "NOT met", None: "n/a"}
+    return "\n".join(
+        f"{r['target']:{width}}{r['goal']:{goal}}{r['measured']:28}{verdict[r['met']]}"
+        for r in rows
+    )
+
+
+# -- running ------------------------------------------------------------------
+
+
+def start(name: str, args: argparse.Namespace, model: Path, logs: Path) -> Any:
+    log = logs / f"{name}.log"
+    if name == "wsgi-llama":
+        return WsgiLlama(model, log)
+    if name == "llama-cpp-python":
+        return LcpServer(args.lcp_venv, model, log)
+    return LlamaCppServer(args.llama_server_bin, model, log, args.llama_server_parallel)
+
+
+def skipped(name: str, args: argparse.Namespace) -> str | None:
+    """Why *name* cannot run here, or None."""
+    if name == "llama-cpp-python":
+        venv = args.lcp_venv
+        if venv is None:
+            return "no --lcp-venv / $LCP_SERVER_VENV: llama-cpp-python's server skipped"
+        if not (venv / "bin" / "python").exists():
+            return f"{venv} holds no venv: llama-cpp-python's server skipped"
+    if name == "llama.cpp":
+        binary = args.llama_server_bin
+        if binary is None:
+            return (
+                "no --llama-server-bin / $LLAMA_SERVER_BIN: llama.cpp's server skipped"
+            )
+        if not os.access(binary, os.X_OK):
+            return f"{binary} is not executable: llama.cpp's server skipped"
+    return None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=Path, help="a GGUF file (default: Gemma 3 270M)"
+    )
+    parser.add_argument(
+        "--reps", type=int, help="reps per server (default 3, --quick 1)"
+    )
+    parser.add_argument("--quick", action="store_true", help="1 rep, shorter streams")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"comma-separated subset of {','.join(SERVERS)}",
+    )
+    parser.add_argument(
+        "--lcp-venv",
+        type=Path,
+        default=os.environ.get("LCP_SERVER_VENV") or None,
+        help="venv with llama-cpp-python[server] (default: $LCP_SERVER_VENV)",
+    )
+    parser.add_argument(
+        "--llama-server-bin",
+        type=Path,
+        default=os.environ.get("LLAMA_SERVER_BIN") or None,
+        help="llama.cpp's llama-server binary (default: $LLAMA_SERVER_BIN)",
+    )
+    parser.add_argument(
+        "--llama-server-parallel",
+        type=int,
+        default=4,
+        help="llama-server --parallel (default 4, its automatic default)",
+    )
+    args = parser.parse_args()
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--direct-child"]:
+        direct_child(sys.argv[2])
+        return
+    args = parse_args()
+    model = (args.model or default_model()).resolve()
+    plan = Plan(args)
+    began = time.monotonic()
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C: every finally runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    def log(text: str) -> None:
+        elapsed = time.monotonic() - began
+        print(f"[{elapsed:6.0f} s] {text}", file=sys.stderr, flush=True)
+
+    notes = [n for n in (skipped(s, args) for s in args.servers) if n]
+    names = [s for s in SERVERS if s in args.servers and not skipped(s, args)]
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": {
+            "cores": cores(),
+            "platform": platform.platform(),
+            "load_before": os.getloadavg(),
+        },
+        "model": str(model),
+        "plan": vars(plan),
+        "notes": notes,
+        "servers": {},
+    }
+    for note in notes:
+        log(note)
+    prompts = Prompts(model)
+    direct = Direct(model)
+    logs = Path(tempfile.mkdtemp(prefix="wsgi-llama-compare-"))
+    try:
+        direct.call(op="stream", prompt=prompts.short(), max_tokens=8)  # warm-up
+        for name in names:
+            log(f"{name}: starting")
+            try:
+                server = start(name, args, model, logs)
+            except RuntimeError as exc:
+                log(f"{name}: {exc}")
+                report["notes"].append(f"{name} did not start (see {logs})")
+                continue
+            try:
+                result = measure_server(server, direct, prompts, plan, log)
+                result["about"] = server.describe()
+            finally:
+                server.stop()
+            if "error" in result:
+                report["notes"].append(f"{name} failed: {result['error']}")
+            if result["reps"]:
+                result["summary"] = summarize(result)
+            report["servers"][name] = result
+        report["in_process"] = direct.call(op="rss")
+    finally:
+        direct.stop()
+        prompts.close()
+    report["machine"]["load_after"] = os.getloadavg()
+    report["elapsed_s"] = time.monotonic() - began
+    report["targets"] = targets(report["servers"])
+
+    load = report["machine"]
+    print(
+        f"\n{model.name}, {cores()} cores, {plan.reps} rep(s) per server, median "
+        f"(min-max); {report['date']}; load average {load['load_before'][0]:.2f} "
+        f"before, {load['load_after'][0]:.2f} after; {report['elapsed_s']:.0f} s"
+    )
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print()
+    print(table(report["servers"], report["in_process"]))
+    print("\nTargets (issue 9), for wsgi-llama:")
+    print(target_lines(report["targets"]))
+    print(f"\nserver logs: {logs}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+        print(f"figures: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
