@@ -21,13 +21,16 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from flask.sansio.blueprints import BlueprintSetupState
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import errors, openapi, responses, schemas, stream
+from . import errors, openapi, playground, responses, schemas, stream
 from .config import Settings, load_settings
 from .errors import APIError
 from .pool import Model, Pool, QueueTimeout
 from .threads import Runner
 
 EXTENSION = "wsgi_llama"
+#: Served without an API key: the health check, and the playground's page and
+#: files (the page asks for the key and sends it with its API calls).
+OPEN_ENDPOINTS = ("health", *playground.OPEN_ENDPOINTS)
 
 
 @dataclass
@@ -63,6 +66,7 @@ def create_blueprint(
     bp.post("/extras/tokenize")(tokenize)
     bp.post("/extras/tokenize/count")(tokenize_count)
     bp.post("/extras/detokenize")(detokenize)
+    playground.register(bp, _server)
     return bp
 
 
@@ -81,7 +85,8 @@ def _guard() -> Response | None:
     if request.method == "OPTIONS" and settings.cors_origins:
         return current_app.make_default_options_response()
     request.max_content_length = settings.max_request_bytes
-    if settings.api_keys and request.endpoint != f"{request.blueprint}.health":
+    endpoint = (request.endpoint or "").rpartition(".")[2]
+    if settings.api_keys and endpoint not in OPEN_ENDPOINTS:
         _authenticate(settings.api_keys)
     return None
 

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "LLAMA_QUEUE_SIZE": 64,
     "LLAMA_QUEUE_TIMEOUT": 600.0,
     "LLAMA_CORS_ORIGINS": None,
+    "LLAMA_PLAYGROUND": True,
 }
 
 DEFAULT_PING_INTERVAL = 15.0
@@ -88,6 +89,7 @@ class Settings:
     queue_size: int
     queue_timeout: float
     cors_origins: tuple[str, ...]
+    playground: bool = True
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -153,6 +155,7 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         cors_origins=_string_list(
             config.get("LLAMA_CORS_ORIGINS"), "LLAMA_CORS_ORIGINS"
         ),
+        playground=_flag(config.get("LLAMA_PLAYGROUND"), "LLAMA_PLAYGROUND"),
     )
 
 
@@ -293,6 +296,18 @@ def _integer(value: Any, key: str, minimum: int) -> int:
 
 def _optional_integer(value: Any, key: str) -> int | None:
     return None if value in (None, "") else _integer(value, key, 1)
+
+
+def _flag(value: Any, key: str) -> bool:
+    """A switch: a bool, or 1/0, true/false, yes/no, on/off (from the environment)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(key, f"must be 1 or 0 (true or false), got {value!r}")
 
 
 def _string_list(value: Any, key: str) -> tuple[str, ...]:
