@@ -144,7 +144,7 @@ class Sampler:
                 p.presence_penalty,
             ),
         )
-        if p.grammar is not None:
+        if p.grammar:
             grammar = llama_cpp.llama_sampler_init_grammar(
                 vocab, p.grammar.encode("utf-8"), b"root"
             )
@@ -180,10 +180,7 @@ class Sampler:
             add(tail, llama_cpp.llama_sampler_init_dist(seed))
         self._greedy = p.temperature <= 0
         self._argmax = (
-            self._greedy
-            and not p.logit_bias
-            and p.grammar is None
-            and _penalties_off(p)
+            self._greedy and not p.logit_bias and not p.grammar and _penalties_off(p)
         )
 
     def sample(self, ctx: llama_cpp.llama_context_p, idx: int) -> int:
