@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import APIError
 from .pool import Model, QueueTimeout
-from .sse import DONE, ClientGone, json_event, pings
+from .sse import DONE, PING, ClientGone, json_event, pings
 from .threads import Runner, Step
 
 
@@ -42,7 +42,11 @@ def events(
     ticket = None
     try:
         ticket = job.model.queue.enter(job.model.alias)
-        yield b""  # WSGI servers send the headers with the first chunk, even empty
+        # The headers go out with the first chunk. gunicorn sends them for an
+        # empty one; mod_wsgi and Passenger drop empty chunks and would hold
+        # the headers until the first heartbeat or token. So with heartbeats
+        # on, the first chunk is one; with them off, not a byte more.
+        yield PING if interval > 0 else b""
         try:
             yield from pings(
                 ticket, interval, queue_timeout, None if interval > 0 else gone
