@@ -23,7 +23,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def gunicorn_command(bind: str, *args: str) -> list[str]:
+def gunicorn_command(bind: str, *args: str, app: str = "wsgi_llama:app") -> list[str]:
     """The command users run: ``gunicorn -k gevent -b BIND ... wsgi_llama:app``."""
     return [
         sys.executable,
@@ -34,34 +34,44 @@ def gunicorn_command(bind: str, *args: str) -> list[str]:
         "-b",
         bind,
         *args,
-        "wsgi_llama:app",
+        app,
     ]
 
 
 class LiveServer:
-    """A gunicorn server on a free port, logging to *log*; ready once built."""
+    """A gunicorn server on a free port, logging to *log*; ready once built.
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+    *app* is the WSGI application to serve; *health* a path answering 200.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log: Path,
+        *args: str,
+        app: str = "wsgi_llama:app",
+        health: str = "/health",
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                gunicorn_command(f"127.0.0.1:{self.port}", *args),
+                gunicorn_command(f"127.0.0.1:{self.port}", *args, app=app),
                 env={**os.environ, **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
-        self._wait_ready()
+        self._wait_ready(health)
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, health: str) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited:\n{self.log.read_text()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + health, timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)

@@ -12,46 +12,48 @@ import hmac
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from flask.sansio.blueprints import BlueprintSetupState
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import (
+    HTTPException,
+    MethodNotAllowed,
+    NotFound,
+    RequestEntityTooLarge,
+)
 
-from . import errors, openapi, playground, responses, schemas, stream
-from .config import Settings, load_settings
+from . import errors, mounts, openapi, playground, responses, schemas, stream
+from .config import Settings
 from .errors import APIError
-from .pool import Model, Pool, QueueTimeout
-from .threads import Runner
+from .mounts import EXTENSION, Server
+from .pool import Model, QueueTimeout
 
-EXTENSION = "wsgi_llama"
-#: Served without an API key: the health check, and the playground's page and
-#: files (the page asks for the key and sends it with its API calls).
-OPEN_ENDPOINTS = ("health", *playground.OPEN_ENDPOINTS)
-
-
-@dataclass
-class Server:
-    """What the blueprint keeps on the app, as ``app.extensions["wsgi_llama"]``."""
-
-    settings: Settings
-    pool: Pool
-    runner: Runner
+#: Served without an API key: the health check, the playground's page and
+#: files (the page asks for the key and sends it with its API calls), and the
+#: catch-all's 404s and 405s under a mount.
+OPEN_ENDPOINTS = ("health", "unknown_route", *playground.OPEN_ENDPOINTS)
+#: Methods the catch-all under a mount's prefix answers (with a 404 or 405).
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
 
 def create_blueprint(
-    name: str = "wsgi_llama", url_prefix: str | None = None
+    config: Mapping[str, Any] | None = None,
+    name: str = "wsgi_llama",
+    url_prefix: str | None = None,
 ) -> Blueprint:
-    """The API as a blueprint; registering it loads the models the app's config names.
+    """The API as a blueprint; registering it loads the models its settings name.
 
-    Models load when the blueprint is registered, so a bad setting stops the
-    app there, with a :class:`~.config.ConfigError` naming the key.
+    :param config: ``LLAMA_*`` keys for this mount only, over the app's config;
+        a blueprint registered twice (``name=`` differing) is two mounts with
+        these same keys. Mounts naming the same model file share one copy.
+    :raises ConfigError: on registration, for a bad setting; it names the key.
     """
+    own = dict(config or {})
     bp = Blueprint(name, __name__, url_prefix=url_prefix)
-    bp.record_once(_setup)
+    bp.record(lambda state: _setup(state, own))
     bp.before_request(_guard)
     bp.after_request(_cors)
     errors.register(bp)
@@ -70,14 +72,21 @@ def create_blueprint(
     return bp
 
 
-def _setup(state: BlueprintSetupState) -> None:
-    app: Flask = state.app
-    settings = load_settings(app.config)
-    app.extensions[EXTENSION] = Server(settings, Pool.load(settings), Runner())
+def _setup(state: BlueprintSetupState, config: Mapping[str, Any]) -> None:
+    mounts.setup(state, config)
+    if state.url_prefix and state.url_prefix.strip("/"):
+        # Inside a host app: unknown routes under the prefix get OpenAI's
+        # shape from this mount's handlers; the host's 404 page stays its own.
+        # Werkzeug prefers a rule that accepts the method, and any static
+        # route beats this one, so it only catches what nothing else would.
+        state.add_url_rule(
+            "/<path:_rest>", "unknown_route", _unknown_route, methods=_METHODS
+        )
 
 
 def _server() -> Server:
-    return current_app.extensions[EXTENSION]
+    """The state of the mount serving this request."""
+    return current_app.extensions[EXTENSION][request.blueprint]
 
 
 def _guard() -> Response | None:
@@ -89,6 +98,22 @@ def _guard() -> Response | None:
     if settings.api_keys and endpoint not in OPEN_ENDPOINTS:
         _authenticate(settings.api_keys)
     return None
+
+
+def _unknown_route(_rest: str) -> NoReturn:
+    """404, or 405 with ``Allow`` when the path exists for other methods."""
+    adapter = current_app.create_url_adapter(request)
+    allowed = set()
+    for method in _METHODS:
+        try:
+            rule, _ = adapter.match(method=method, return_rule=True)  # type: ignore[union-attr]
+        except HTTPException:
+            continue
+        if rule is not request.url_rule:
+            allowed.add(method)
+    if allowed:
+        raise MethodNotAllowed(valid_methods=sorted(allowed))
+    raise NotFound()
 
 
 def _authenticate(keys: tuple[str, ...]) -> None:

@@ -98,6 +98,60 @@ def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return {key: environ[key] for key in DEFAULTS if environ.get(key, "") != ""}
 
 
+def mount_config(
+    app_config: Mapping[str, Any], own: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A mount's keys: the app's ``LLAMA_*`` config overlaid with its own.
+
+    A key of its own set to None means the default, whatever the app says.
+    """
+    own = dict(own or {})
+    for key in own:
+        if key not in DEFAULTS:
+            raise ConfigError(key, "not a wsgi-llama setting (see README.rst)")
+    return {**{k: v for k, v in app_config.items() if k in DEFAULTS}, **own}
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``LLAMA_*`` keys from an environment file: ``KEY=value`` lines.
+
+    Blank lines and lines starting with ``#`` are skipped, ``export`` and one
+    pair of quotes around the value are allowed, and other keys are left for
+    whoever else reads the file (a systemd ``EnvironmentFile`` may be shared).
+    Relative ``LLAMA_MODEL`` and ``LLAMA_CONFIG_FILE`` paths are taken from the
+    file's folder, which is where hosting panels put both.
+    """
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(
+            str(path), f"cannot read the settings file: {reason}"
+        ) from None
+    settings: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.removeprefix("export ").partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            raise ConfigError(f"{path}:{number}", "expected a KEY=value line")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if not name.startswith("LLAMA_"):
+            continue
+        if name not in DEFAULTS:
+            raise ConfigError(name, f"not a wsgi-llama setting ({path}:{number})")
+        if value == "":
+            continue  # as in the environment: empty is unset
+        if name in ("LLAMA_MODEL", "LLAMA_CONFIG_FILE"):
+            value = str(path.parent / Path(value).expanduser())
+        settings[name] = value
+    return settings
+
+
 def cpu_count() -> int:
     """Cores this process may use (respects CPU affinity and cpusets)."""
     try:

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from flask import Response, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, default_exceptions
 
 log = logging.getLogger("wsgi_llama")
 
@@ -85,9 +85,12 @@ def from_exception(exc: BaseException) -> APIError:
 def register(app_or_blueprint: Any) -> None:
     """Send every error raised in *app_or_blueprint*'s views in OpenAI's shape."""
     app_or_blueprint.register_error_handler(APIError, APIError.response)
-    app_or_blueprint.register_error_handler(
-        HTTPException, lambda exc: from_http_exception(exc).response()
-    )
+    http_error = lambda exc: from_http_exception(exc).response()  # noqa: E731
+    app_or_blueprint.register_error_handler(HTTPException, http_error)
+    # Flask prefers a handler for the status code, even the host app's, to a
+    # blueprint's for the class: so one per code, to keep mounts OpenAI-shaped.
+    for code in default_exceptions:
+        app_or_blueprint.register_error_handler(code, http_error)
     app_or_blueprint.register_error_handler(
         Exception, lambda exc: from_exception(exc).response()
     )
