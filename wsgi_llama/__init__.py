@@ -4,6 +4,8 @@
 environment variables. It is built on first access, so importing the package
 to embed the API loads no model; if its settings are invalid, it prints why
 and exits with status 3. :func:`create_app` raises :class:`ConfigError`.
+For mod_wsgi and Passenger, :func:`make_application` takes its settings from
+the first request's environ (``SetEnv``) and answers a bad one with a 503.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 from .api import create_blueprint
 from .config import ConfigError
 from .factory import create_app
+from .hosting import make_application
 
-__all__ = ["ConfigError", "app", "create_app", "create_blueprint"]
+__all__ = ["ConfigError", "app", "create_app", "create_blueprint", "make_application"]
 
 
 def __getattr__(name: str) -> Any:
