@@ -8,7 +8,8 @@ By default on Gemma 3 270M (the ``demo`` extra; a 262k-token vocabulary),
 else the tiny test model. One prompt is decoded, then each chain samples
 ``--repeat`` times from that same row (each sample is accepted, so penalties
 and grammars advance as in a generation). Reported: median and p90
-microseconds per call of ``Sampler.sample`` for each chain, beside
+microseconds per call of ``Sampler.sample`` for each chain (and to build
+one), beside
 llama-cpp-python's own ``LlamaSampler`` with the same settings where it has
 them, then ``Sampler.logprobs`` (top 5), ``Detokenizer.feed`` and
 ``StopMatcher.feed``. A chain with a grammar says for how many calls the
@@ -132,6 +133,11 @@ def main() -> None:
             ref = f"{ref_median:16.1f}"
             other.close()
         print(f"{name:44} {median:8.1f} {p90:8.1f}   {ref:>16}")
+    for name in ("default (top-k 40 .. dist)", "JSON schema, default"):
+        median, p90 = timed(
+            lambda n=name: Sampler(llama, CHAINS[n]).close(), args.repeat // 4 or 1
+        )
+        print(f"{'build and free: ' + name:44} {median:8.1f} {p90:8.1f}")
     sampler = Sampler(llama, SamplingParams(logprobs=5))
     median, p90 = timed(lambda: sampler.logprobs(ctx, row, 5), args.repeat)
     print(f"{'logprobs, top 5':44} {median:8.1f} {p90:8.1f}")

@@ -11,6 +11,7 @@ import ctypes
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -212,6 +213,49 @@ def test_grammar_shortlist_samples_as_the_whole_vocabulary(
     decoder.close()
 
 
+GRAMMARS = [None, DIGITS, "root ::= [a-z ]+", 'root ::= ("yes" | "no") [.]']
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    seed=st.integers(0, 2**32 - 2),
+    temperature=st.sampled_from([0.0, 0.3, 0.8, 1.5]),
+    top_k=st.sampled_from([0, 1, 5, 10, 40]),
+    top_p=st.sampled_from([0.5, 0.95, 1.0]),
+    min_p=st.sampled_from([0.0, 0.05, 0.3]),
+    typical_p=st.sampled_from([1.0, 0.7]),
+    repeat_penalty=st.sampled_from([1.0, 1.3]),
+    presence_penalty=st.sampled_from([0.0, 0.7]),
+    mirostat_mode=st.sampled_from([0, 0, 0, 1, 2]),
+    grammar=st.sampled_from(GRAMMARS),
+    shortlist=st.sampled_from([20, 48, 1024]),
+)
+def test_any_settings_sample_as_llama_cpp_python(
+    llama: llama_cpp.Llama,
+    monkeypatch: pytest.MonkeyPatch,
+    shortlist: int,
+    **fields: Any,
+) -> None:
+    monkeypatch.setattr(Sampler, "SHORTLIST", shortlist)
+    params = SamplingParams(**fields)
+    tokens = generate(llama, params, n=16)
+    if EOS_ID in tokens:
+        tokens = tokens[: tokens.index(EOS_ID)]
+    grammar = None
+    if params.grammar:
+        grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
+    theirs = llama.create_completion(
+        prompt(llama),
+        max_tokens=16,
+        **{**fields, "grammar": grammar},
+    )["choices"][0]["text"]
+    assert text_of(llama, tokens) == theirs
+
+
 def test_batched_sequences_sample_as_if_alone(llama: llama_cpp.Llama) -> None:
     params = SamplingParams(seed=1234)
     alone = generate(llama, params, n=20)
@@ -293,6 +337,21 @@ def test_grammar_without_candidates_ends_the_sequence(
     assert sampler.sample(decoder.ctx, row) == EOS_ID
     sampler.close()
     decoder.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize(
+    ("gbnf", "before"),
+    [(r'root ::= "a" "\x00"', b"a"), (r"root ::= [\x00]", b"")],
+)
+def test_grammar_requiring_nul_ends_the_sequence(
+    llama: llama_cpp.Llama, gbnf: str, before: bytes, temperature: float
+) -> None:
+    """No token starts with NUL: pool.Model.grammar refuses these; if one got here
+    the sequence ends instead of the process."""
+    params = SamplingParams(seed=1, temperature=temperature, grammar=gbnf)
+    tokens = generate(llama, params, n=3)
+    assert tokens == byte_tokens(before) + [EOS_ID] * (3 - len(before))
 
 
 def test_end_of_generation_refused_after_a_grammar_ends(llama: llama_cpp.Llama) -> None:
