@@ -22,8 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, LiveServer
+from conftest import REPO, LiveServer, free_port
 from flask import Flask
+from live_server import gunicorn_command
 
 from wsgi_llama import ConfigError, create_app, create_blueprint
 from wsgi_llama.playground import FILES
@@ -185,22 +186,19 @@ def chromium() -> None:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         if shutil.which("apt-get") is None:
             _unavailable("chromium is not installed and there is no apt-get")
-        command = [
-            "apt-get",
-            "install",
-            "-y",
-            "-o",
-            "DPkg::Lock::Timeout=900",
-            "chromium",
-            "chromium-driver",
-        ]
+        lock = ["-o", "DPkg::Lock::Timeout=900"]
+        command = ["apt-get", "install", "-y", *lock, "chromium", "chromium-driver"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-            check=False,
+            command, capture_output=True, text=True, env=env, check=False
         )
+        if result.returncode != 0:  # perhaps stale package lists: refresh, retry
+            subprocess.run(
+                ["apt-get", "update", *lock], capture_output=True, env=env, check=False
+            )
+            result = subprocess.run(
+                command, capture_output=True, text=True, env=env, check=False
+            )
         if result.returncode != 0 or not CHROMEDRIVER.exists():
             _unavailable(
                 f"cannot install chromium: {' '.join(command)} exited with "
@@ -489,6 +487,122 @@ def test_wrong_key_shows_the_apis_message(
     assert stored == [KEY, 0, ""]
     page.send("Hello", max_tokens=4)
     assert page.until_state("done", "error")["state"] == "done"
+
+
+def test_sse_parser_reads_any_split(browser: Any, live: LiveServer) -> None:
+    """The page's parser, fed a stream cut at every place, reads it the same."""
+    Page(browser, live.url + "/")
+    stream = (
+        ": ping\r\n\r\n"
+        'data: {"a":1}\r\n\r\n'
+        "data: x\ndata:  y\n\n"
+        "event: other\rdata:z\r\r"
+        ": ping\n\n"
+        "data\nid: 7\nretry: 10\n\n"
+        "data: lost at the end"
+    )
+    expected = {
+        "events": [
+            ['{"a":1}', "message"],
+            ["x\n y", "message"],
+            ["z", "other"],
+            ["", "message"],
+        ],
+        "comments": ["ping", "ping"],
+    }
+    results = browser.execute_script(
+        "const text = arguments[0];"
+        "const read = (pieces) => {"
+        "  const seen = {events: [], comments: []};"
+        "  const parser = new SSEParser("
+        "    (data, type) => seen.events.push([data, type]),"
+        "    (comment) => seen.comments.push(comment));"
+        "  for (const piece of pieces) parser.feed(piece);"
+        "  parser.end();"
+        "  return seen;"
+        "};"
+        "const all = [read([text]), read([...text])];"
+        "for (let i = 1; i < text.length; i++)"
+        "  all.push(read([text.slice(0, i), text.slice(i)]));"
+        "return all;",
+        stream,
+    )
+    assert len(results) == len(stream) + 1
+    for result in results:
+        assert result == expected
+
+
+def test_context_error_shows_the_apis_message(browser: Any, live: LiveServer) -> None:
+    prompt = "word " * 4000  # 20,000 tokens for the byte-level tiny model
+    api = httpx.post(
+        live.url + "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 8, "stream": True},
+    ).json()["error"]["message"]
+    assert "context" in api
+    page = Page(browser, live.url + "/")
+    page.models_loaded()
+    page.click("mode-completion")
+    page.setting("max-tokens", "8")
+    page.setting("prompt", prompt)
+    page.click("send")
+    failed = page.until_state("error", "done")
+    assert failed["error"] == api
+
+
+def test_under_a_prefix_behind_script_name(
+    browser: Any,
+    tiny_model: Path,
+    tmp_path: Path,
+    artifacts: Path,
+) -> None:
+    """A host app mounts the API at /llm; gunicorn serves it all under /site."""
+    (tmp_path / "host_app.py").write_text(
+        "import os\n"
+        "from flask import Flask\n"
+        "from wsgi_llama import create_blueprint\n"
+        "app = Flask('host')\n"
+        "app.config.update(LLAMA_MODEL=os.environ['HOST_MODEL'], LLAMA_N_CTX=1024,"
+        " LLAMA_N_THREADS=1)\n"
+        "app.register_blueprint(create_blueprint(), url_prefix='/llm')\n"
+        "app.get('/')(lambda: 'the host app')\n"
+    )
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            gunicorn_command(
+                f"127.0.0.1:{port}", "--chdir", str(tmp_path), app="host_app:app"
+            ),
+            env={**os.environ, "HOST_MODEL": str(tiny_model), "SCRIPT_NAME": "/site"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(base + "/site/llm/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        page = Page(browser, base + "/site/llm")  # no slash: redirected
+        assert browser.current_url == base + "/site/llm/"
+        assert page.models_loaded() == ["tiny"]
+        background = browser.execute_script(
+            "return getComputedStyle(document.body).backgroundColor"
+        )
+        assert background != "rgba(0, 0, 0, 0)"  # style.css was found
+        page.send("Under a prefix", max_tokens=16)
+        done = page.until_state("done", "error")
+        assert done["state"] == "done", done
+        page.shot(artifacts, "under-a-prefix")
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
