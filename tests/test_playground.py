@@ -9,6 +9,7 @@ directory; its path is printed).
 from __future__ import annotations
 
 import configparser
+import contextlib
 import fnmatch
 import os
 import re
@@ -418,32 +419,41 @@ def test_text_streams_in_before_the_end_and_stop_frees_the_model(
     assert waited < remaining / 2
 
 
+@contextlib.contextmanager
+def model_held(server: LiveServer) -> Iterator[None]:
+    """Keep *server*'s model generating a long stream until the block ends."""
+    occupied = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        body = {"prompt": "Hold", "max_tokens": 16000, "stream": True}
+        with (
+            httpx.Client(timeout=120) as client,
+            client.stream("POST", server.url + "/v1/completions", json=body) as r,
+        ):
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    occupied.set()
+                if release.is_set():
+                    break  # closing the stream frees the model
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert occupied.wait(60), "the holding stream never started"
+        yield
+    finally:
+        release.set()
+        holder.join(60)
+
+
 def test_heartbeats_show_while_queued(
     browser: Any, live: LiveServer, artifacts: Path
 ) -> None:
     page = Page(browser, live.url + "/")
     page.models_loaded()
     assert page.read()["pings"] == 0
-    occupied = threading.Event()
-    release = threading.Event()
-
-    def occupy() -> None:
-        # A stream that holds the model until released; closing it frees it.
-        body = {"prompt": "Hold", "max_tokens": 16000, "stream": True}
-        with (
-            httpx.Client(timeout=120) as client,
-            client.stream("POST", live.url + "/v1/completions", json=body) as r,
-        ):
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    occupied.set()
-                if release.is_set():
-                    break
-
-    holder = threading.Thread(target=occupy)
-    holder.start()
-    try:
-        assert occupied.wait(60)
+    with model_held(live):
         page.send("Queued prompt", max_tokens=8)
         page.wait.until(lambda d: page.read()["pings"] >= 3)
         queued = page.read()
@@ -451,12 +461,23 @@ def test_heartbeats_show_while_queued(
         assert queued["text"] == ""
         assert "pings" in browser.find_element("id", "heartbeats").text
         page.shot(artifacts, "heartbeats-while-queued")
-    finally:
-        release.set()
-        holder.join(60)
     done = page.until_state("done", "error")
     assert done["state"] == "done", done
     assert done["text"]
+
+
+def test_error_event_mid_stream_shows_its_message(
+    browser: Any, start_server: Callable[..., LiveServer], artifacts: Path
+) -> None:
+    """A queue timeout comes after the 200, as a ``data: {"error": ...}`` event."""
+    server = start_server(**BROWSER_SERVER, LLAMA_QUEUE_TIMEOUT="1")
+    page = Page(browser, server.url + "/")
+    page.models_loaded()
+    with model_held(server):
+        page.send("Too late", max_tokens=8)
+        failed = page.until_state("error", "done")
+    assert failed["error"] == "Waited 1 s in the queue for model 'tiny'; retry later."
+    page.shot(artifacts, "error-mid-stream")
 
 
 def test_wrong_key_shows_the_apis_message(
@@ -665,20 +686,19 @@ def test_screens_light_and_dark(
 def test_gemma_streams_in_chromium_and_stops(
     browser: Any,
     start_server: Callable[..., LiveServer],
-    gemma_model: Path,
+    gemma_model: Path,  # assembled here, so the server finds it at start-up
     artifacts: Path,
 ) -> None:
-    server = start_server(
-        LLAMA_MODEL=str(gemma_model), LLAMA_N_CTX="2048", LLAMA_N_THREADS="1"
-    )
+    # No model configured: the README's serve command, Gemma 3 270M.
+    server = start_server(LLAMA_MODEL="", LLAMA_N_CTX="2048", LLAMA_N_THREADS="1")
     page = Page(browser, server.url + "/")
     page.models_loaded()
     # A base model: the page picks completion and says why.
     assert browser.find_element("id", "mode-completion").is_selected()
     assert "no chat template" in browser.find_element("id", "mode-hint").text
     page.send("The three largest rivers in Europe are", max_tokens=400)
-    lengths = _streaming_lengths(page.watch_growth(distinct=3))
-    assert len(lengths) >= 3, lengths
+    lengths = _streaming_lengths(page.watch_growth(distinct=6))
+    assert len(lengths) >= 6, lengths
     page.click("stop")
     assert page.until_state("stopped", "done", "error")["state"] == "stopped"
     page.shot(artifacts, "gemma-stopped")

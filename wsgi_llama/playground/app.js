@@ -255,9 +255,13 @@ function heartbeat() {
   mark.classList.add("beat");
 }
 
+function pings(count) {
+  return `${count} ${count === 1 ? "ping" : "pings"}`;
+}
+
 function showHeartbeats() {
   $("heartbeats").dataset.count = String(state.heartbeats);
-  $("heartbeat-count").textContent = String(state.heartbeats);
+  $("heartbeat-count").textContent = pings(state.heartbeats);
 }
 
 // Sending
@@ -357,7 +361,7 @@ async function stream(url, body, view, chat) {
   const onComment = () => {
     heartbeat();
     if (firstAt === null) {
-      setStatus("waiting", `Waiting for the model… (alive: ${state.heartbeats} pings)`);
+      setStatus("waiting", `Waiting for the model… (alive: ${pings(state.heartbeats)})`);
     }
   };
 
@@ -393,7 +397,7 @@ async function stream(url, body, view, chat) {
       view.element.dataset.state = "stopped";
       view.note("Stopped.");
       setStatus("stopped", `Stopped after ${chunks} chunks; the server frees the model.`);
-      return produced;
+      return produced || null; // an empty answer is not worth keeping in the chat
     }
     // Our own parse errors leave the body unread: stop the download too.
     controller.abort();
