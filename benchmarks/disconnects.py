@@ -21,7 +21,7 @@ streams, which wait behind a stream that holds the model):
 ``mid_request``
     a connection closed halfway through sending the request body;
 ``non_stream``
-    a non-streaming request dropped while it runs.
+    a non-streaming request dropped while it runs (its generation stops).
 
 Linux only: the figures come from ``/proc/<worker pid>/status``. The test
 suite runs a bounded version (tests/test_faults.py imports this module).
@@ -244,7 +244,9 @@ class Disconnector:
         self._drop(sock, "mid_request")
 
     def non_stream(self) -> None:
-        # Kept short: a dropped non-streaming request runs to the end.
+        # Dropped while it generates: the server sees the closed socket
+        # within a second and stops at the next token (shown by
+        # tests/test_faults.py::test_running_non_streaming_request_stops_...).
         sock = send(
             self.port,
             "/v1/completions",

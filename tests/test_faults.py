@@ -219,6 +219,58 @@ def test_dropped_non_streaming_requests_do_not_run(live: LiveServer) -> None:
     assert took < generating, (took, generating)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time *pid* has used, all its threads together."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_over(pid: int, seconds: float) -> float:
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_running_non_streaming_request_stops_when_its_client_leaves(
+    live: LiveServer, path: str
+) -> None:
+    """A whole-response request that is generating stops once its client goes.
+
+    Measured two ways, so that neither a fast machine nor a server that runs
+    requests side by side hides a generation that goes on: the worker's CPU
+    time while the request runs and after its client has left, and how soon
+    the next request is answered against how long the first one takes.
+    """
+    pid = worker(live)
+    body: dict[str, Any] = {"max_tokens": 1500}
+    if path == "/v1/completions":
+        body["prompt"] = "Whole"
+    else:
+        body["messages"] = [{"role": "user", "content": "Whole"}]
+    started = time.monotonic()
+    response = post(live, path, body)
+    generating = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 1500
+    assert generating > 2, f"too fast to show anything: {generating:.1f} s"
+
+    sock = send(live.port, path, body)
+    busy = cpu_over(pid, 1)  # generating: up to a core, on a busy machine less
+    drop(sock)
+    dropped = time.monotonic()
+    time.sleep(1.5)  # the server looks once a second, then the token ends
+    idle = cpu_over(pid, 1)
+    print(f"{generating=:.2f} s; CPU s in 1 s: {busy=:.2f} {idle=:.2f}")
+    took = timed(live, {"prompt": "next", "max_tokens": 10}) + time.monotonic()
+    took -= dropped
+    assert busy > 0.1, f"the request was not running: {busy:.2f} CPU s"
+    assert idle < busy / 4, (idle, busy)
+    # Had it run on, the next request would have waited ~generating s.
+    assert took < generating / 2, (took, generating)
+
+
 def test_disconnect_during_prompt_processing_stops_the_work(live: LiveServer) -> None:
     prompt = "xy" * 1500  # 3000 tokens
     processing = timed(live, {"prompt": "h" + prompt, "max_tokens": 1})
