@@ -165,6 +165,24 @@ def test_behind_script_name(client: Any) -> None:
     assert bare.headers["Location"].endswith("/ai/")  # else relative URLs miss /ai
 
 
+def test_each_mount_has_its_own_playground(tiny_model: Path) -> None:
+    app = Flask("host")
+    app.config.update(LLAMA_MODEL=str(tiny_model), LLAMA_N_CTX=256)
+    app.register_blueprint(
+        create_blueprint({"LLAMA_MODEL_ALIAS": "a-model"}, name="a"), url_prefix="/a"
+    )
+    app.register_blueprint(
+        create_blueprint({"LLAMA_PLAYGROUND": "0"}, name="b"), url_prefix="/b"
+    )
+    client = app.test_client()
+    assert client.get("/a/").status_code == 200
+    assert list(client.get("/a/playground/info.json").json["models"]) == ["a-model"]
+    off = client.get("/b/")
+    assert off.status_code == 404
+    assert off.json["error"]["code"] == "not_found"
+    assert client.get("/b/v1/models").status_code == 200  # only the page is off
+
+
 @pytest.mark.gemma
 def test_info_says_gemma_has_no_chat_template(gemma_model: Path) -> None:
     app = create_app({"LLAMA_MODEL": str(gemma_model), "LLAMA_N_CTX": 256})
@@ -502,10 +520,9 @@ def test_wrong_key_shows_the_apis_message(
     page.setting("api-key", KEY)
     assert page.models_loaded() == ["tiny"]
     stored = browser.execute_script(
-        "return [sessionStorage.getItem('wsgi-llama.api-key'),"
-        " localStorage.length, document.cookie]"
+        "return [Object.entries(sessionStorage), localStorage.length, document.cookie]"
     )
-    assert stored == [KEY, 0, ""]
+    assert stored == [[["wsgi-llama.api-key:/", KEY]], 0, ""]
     page.send("Hello", max_tokens=4)
     assert page.until_state("done", "error")["state"] == "done"
 

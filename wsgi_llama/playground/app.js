@@ -4,7 +4,8 @@
 // is mounted (a blueprint prefix, SCRIPT_NAME, a proxy's path).
 "use strict";
 
-const KEY_STORAGE = "wsgi-llama.api-key";
+// One key per mount: two APIs in one app may have different keys.
+const KEY_STORAGE = `wsgi-llama.api-key:${location.pathname}`;
 
 const $ = (id) => document.getElementById(id);
 
