@@ -1,8 +1,17 @@
-"""Entry point for Phusion Passenger (cPanel "Setup Python App") and mod_wsgi.
+"""Passenger startup file for wsgi-llama: it must sit in the application root.
 
-Set LLAMA_MODEL (and other LLAMA_* keys) in the hosting panel's environment
-variables, or here before the import. Without gevent, wsgi-llama runs
-llama.cpp in ordinary threads; heartbeats still flow.
+cPanel's "Setup Python App" and deploy/apache-passenger.conf or
+deploy/nginx-passenger.conf use it. Settings come from, last wins:
+``wsgi-llama.env`` beside this file (optional; ``LLAMA_KEY=value`` lines),
+the process environment (the panel's variables, ``passenger_env_var``) and
+Apache's ``SetEnv``, read on the first request. A bad setting answers every request with
+a JSON 503 that names the key, instead of "Web application could not be
+started".
 """
 
-from wsgi_llama import app as application  # noqa: F401
+import os
+
+from wsgi_llama.hosting import make_application
+
+ENV_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wsgi-llama.env")
+application = make_application(ENV_FILE if os.path.exists(ENV_FILE) else None)

@@ -1,0 +1,88 @@
+"""A virtualenv of the system Python with this repository installed.
+
+Debian's mod_wsgi and Passenger run /usr/bin/python3, not the Python running
+the tests, so the app needs a venv made from it (``python-home``,
+``PassengerPython``). It is cached under /var/tmp, keyed on the system Python
+and the repository's sources, and readable by every user. llama-cpp-python's
+wheel comes from pip's cache, so building it takes seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .packages import need, unavailable
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+CACHE = Path("/var/tmp/wsgi-llama-host-tests")
+
+
+def _sources_key(extra: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    version = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys; print(sys.version)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    digest.update(version.encode())
+    digest.update(" ".join(extra).encode())
+    files = [REPO / "setup.cfg", REPO / "pyproject.toml"]
+    files += sorted((REPO / "wsgi_llama").rglob("*.py"))
+    for path in files:
+        digest.update(str(path.relative_to(REPO)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def system_venv(label: str = "app", *extra: str) -> Path:
+    """The venv's directory: /usr/bin/python3, this repo and *extra* packages.
+
+    Venvs with other *extra* packages get another *label*: each label keeps
+    one venv, for the current sources.
+    """
+    need("python3-venv")
+    if not SYSTEM_PYTHON.exists():
+        unavailable(f"{SYSTEM_PYTHON} is missing")
+    CACHE.mkdir(mode=0o755, parents=True, exist_ok=True)
+    CACHE.chmod(0o755)
+    name = f"{label}-{_sources_key(extra)}"
+    venv = CACHE / name
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / "ready").exists():
+            return venv
+        for old in CACHE.glob(f"{label}-*"):  # earlier sources, or a failed build
+            shutil.rmtree(old, ignore_errors=True)
+        # Built in place: a venv's scripts name its path, so it cannot move.
+        subprocess.run([SYSTEM_PYTHON, "-m", "venv", venv], check=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            # A copy of the sources, without the developer's .venv and caches.
+            source = Path(tmp) / "src"
+            shutil.copytree(
+                REPO,
+                source,
+                ignore=shutil.ignore_patterns(
+                    ".venv", ".git", "*.egg-info", "build", "__pycache__"
+                ),
+            )
+            result = subprocess.run(
+                [venv / "bin" / "pip", "install", "-q", source, *extra],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        if result.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+            raise RuntimeError(
+                "pip install into the system Python's venv failed:\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+        (venv / "ready").touch()
+    return venv
