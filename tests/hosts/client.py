@@ -25,6 +25,7 @@ class Stream:
     headers_at: float
     frames: list[tuple[float, bytes]] = field(default_factory=list)
     body: bytes = b""
+    cut: bool = False  # closed by the server before the body's end
 
     @property
     def done(self) -> bool:
@@ -84,14 +85,17 @@ def stream(
             time.monotonic() - started,
         )
         buffer = b""
-        for chunk in response.iter_raw():
-            result.body += chunk
-            buffer += chunk
-            while b"\n\n" in buffer:
-                frame, buffer = buffer.split(b"\n\n", 1)
-                result.frames.append((time.monotonic() - started, frame))
-                if stop is not None and stop(result):
-                    return result
+        try:
+            for chunk in response.iter_raw():
+                result.body += chunk
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    frame, buffer = buffer.split(b"\n\n", 1)
+                    result.frames.append((time.monotonic() - started, frame))
+                    if stop is not None and stop(result):
+                        return result
+        except httpx.RemoteProtocolError:  # the server cut the stream
+            result.cut = True
     return result
 
 
