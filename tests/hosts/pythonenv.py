@@ -14,6 +14,7 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from .packages import need, unavailable
@@ -58,8 +59,12 @@ def system_venv(label: str = "app", *extra: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (venv / "ready").exists():
             return venv
-        for old in CACHE.glob(f"{label}-*"):  # earlier sources, or a failed build
-            shutil.rmtree(old, ignore_errors=True)
+        for old in CACHE.glob(f"{label}-*"):
+            # Earlier sources' venvs, unless a server may still be using one
+            # (made in the last hour), and failed builds.
+            ready = old / "ready"
+            if not ready.exists() or time.time() - ready.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
         # Built in place: a venv's scripts name its path, so it cannot move.
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", venv], check=True)
         with tempfile.TemporaryDirectory() as tmp:
