@@ -232,15 +232,20 @@ GRAMMARS = [None, DIGITS, "root ::= [a-z ]+", 'root ::= ("yes" | "no") [.]']
     presence_penalty=st.sampled_from([0.0, 0.7]),
     mirostat_mode=st.sampled_from([0, 0, 0, 1, 2]),
     grammar=st.sampled_from(GRAMMARS),
+    logit_bias=st.sampled_from([None, {FIRST_BYTE_ID + ord("e"): 3.0, EOS_ID: -1.0}]),
     shortlist=st.sampled_from([20, 48, 1024]),
+    block=st.sampled_from([2, 4, 512]),
 )
 def test_any_settings_sample_as_llama_cpp_python(
     llama: llama_cpp.Llama,
     monkeypatch: pytest.MonkeyPatch,
     shortlist: int,
+    block: int,
     **fields: Any,
 ) -> None:
+    """Shortlists and blocks small enough for the tiny vocabulary's 260 tokens."""
     monkeypatch.setattr(Sampler, "SHORTLIST", shortlist)
+    monkeypatch.setattr(Sampler, "BLOCK", block)
     params = SamplingParams(**fields)
     tokens = generate(llama, params, n=16)
     if EOS_ID in tokens:
@@ -254,6 +259,39 @@ def test_any_settings_sample_as_llama_cpp_python(
         **{**fields, "grammar": grammar},
     )["choices"][0]["text"]
     assert text_of(llama, tokens) == theirs
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_penalties_go_through_the_candidates_only(
+    llama: llama_cpp.Llama, monkeypatch: pytest.MonkeyPatch, temperature: float
+) -> None:
+    """With penalties and bias, only tokens that can make the top-k are sampled
+    from (never the whole vocabulary), and the text is llama-cpp-python's."""
+    monkeypatch.setattr(Sampler, "BLOCK", 2)
+    params = SamplingParams(
+        seed=3,
+        temperature=temperature,
+        repeat_penalty=1.5,
+        presence_penalty=1.0,
+        logit_bias={FIRST_BYTE_ID + ord("z"): 4.0},
+    )
+
+    def whole_vocabulary(*args: Any) -> int:
+        raise AssertionError("sampled from the whole vocabulary")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(llama_cpp, "llama_sampler_sample", whole_vocabulary)
+        ours = text_of(llama, generate(llama, params, n=32))
+    theirs = llama.create_completion(
+        prompt(llama),
+        max_tokens=32,
+        seed=3,
+        temperature=temperature,
+        repeat_penalty=1.5,
+        presence_penalty=1.0,
+        logit_bias=params.logit_bias,
+    )["choices"][0]["text"]
+    assert ours == theirs
 
 
 def test_batched_sequences_sample_as_if_alone(llama: llama_cpp.Llama) -> None:
@@ -451,6 +489,7 @@ def test_best_of_a_large_vocabulary(n: int, size: int) -> None:
     ):
         expected = np.argsort(-values, kind="stable")[:n]
         assert list(_best(values, n)) == list(expected)
+    assert list(_best(values, n, block=7)) == list(expected)
 
 
 def test_no_logprobs_unless_asked(llama: llama_cpp.Llama, decoder: Decoder) -> None:
@@ -615,6 +654,7 @@ SCHEMA = (
 GEMMA_CASES = {
     "greedy": SamplingParams(temperature=0),
     "default": SamplingParams(seed=42),
+    "api default": SamplingParams(seed=42, repeat_penalty=1.1),
     "json greedy": SamplingParams(temperature=0),
     "json hot": SamplingParams(seed=7, temperature=1.2, top_k=100),
 }
@@ -651,6 +691,7 @@ def test_gemma_same_text_as_llama_cpp_python(gemma: llama_cpp.Llama, case: str) 
         temperature=params.temperature,
         top_k=params.top_k,
         seed=params.seed,
+        repeat_penalty=params.repeat_penalty,
         grammar=grammar,
     )["choices"][0]["text"]
     assert ours == theirs

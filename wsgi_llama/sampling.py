@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import llama_cpp
@@ -76,6 +77,8 @@ class Sampler:
     #: With a grammar and top-k, the best tokens the grammar is tried on
     #: before the whole vocabulary.
     SHORTLIST = 1024
+    #: Block size for bounding the best logits (see _bound).
+    BLOCK = 512
 
     _head = _grammar = _tail = _shortlist = None
     _scratch: np.ndarray | None = None
@@ -182,6 +185,20 @@ class Sampler:
         self._argmax = (
             self._greedy and not p.logit_bias and not p.grammar and _penalties_off(p)
         )
+        # Top-k (or greedy) keeps only the best few: the tokens that can be
+        # among them are the best raw logits and those that the penalties
+        # and the bias change. With penalties on (the API's default), llama.cpp
+        # would go over the whole vocabulary for them: 1.2 ms on Gemma 3.
+        self._keep = 1 if self._greedy else p.top_k
+        self._narrow = (
+            not self._argmax
+            and not p.grammar
+            and p.mirostat_mode not in (1, 2)
+            and self._keep > 0
+        )
+        self._biased = np.array(sorted(p.logit_bias or ()), dtype=np.intp)
+        self._recent: deque[int] = deque(maxlen=max(p.penalty_last_n, 0))
+        self._penalised = not _penalties_off(p)
 
     def sample(self, ctx: llama_cpp.llama_context_p, idx: int) -> int:
         """Sample from row *idx* of the last decode's logits, and accept it.
@@ -205,7 +222,47 @@ class Sampler:
             best = np.flatnonzero(values == values.max())
             if len(best):
                 return int(best[0])
-        return llama_cpp.llama_sampler_sample(self._head, ctx, idx)
+        if self._narrow:
+            token = self._sample_narrow(logits)
+            if token is not None:
+                return token
+        token = llama_cpp.llama_sampler_sample(self._head, ctx, idx)
+        if self._penalised:
+            self._recent.append(token)
+        return token
+
+    def _sample_narrow(self, logits: ctypes._Pointer) -> int | None:
+        """The chain applied to the tokens that can make its top-k only.
+
+        Their logits go through the same C samplers, so the choice is the
+        whole vocabulary's (up to the order of exactly equal logits).
+        """
+        values = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        changed = self._biased
+        if self._recent:
+            changed = np.union1d(changed, np.fromiter(self._recent, np.intp))
+        bound = _bound(values, self._keep + len(changed), self.BLOCK)
+        if bound is None:
+            return None
+        ids = np.union1d(np.flatnonzero(values >= bound), changed)
+        data = np.empty(len(ids), _TOKEN_DATA)
+        data["id"] = ids
+        data["logit"] = values[ids]
+        data["p"] = 0.0
+        cur = llama_cpp.llama_token_data_array(
+            data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=len(ids),
+            selected=-1,
+            sorted=False,
+        )
+        llama_cpp.llama_sampler_apply(self._head, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            return None
+        token = int(data[cur.selected]["id"])
+        llama_cpp.llama_sampler_accept(self._head, token)
+        if self._penalised:
+            self._recent.append(token)
+        return token
 
     def _sample_grammar(self, logits: ctypes._Pointer) -> int:
         apply = llama_cpp.llama_sampler_apply
@@ -323,19 +380,28 @@ class Sampler:
             pass
 
 
-def _best(values: np.ndarray, n: int) -> np.ndarray:
-    """The ids of the *n* highest values, highest first (ties: lower id first).
+def _bound(values: np.ndarray, n: int, block: int) -> float | None:
+    """A value that at least *n* of *values* reach, and no more than needed.
 
-    A full argpartition of a 262k vocabulary takes milliseconds; the maxima
-    of blocks bound the n-th highest value, so only a few values are sorted.
+    The n-th highest of the maxima of blocks: the n blocks' maxima reach it.
+    A full argpartition of a 262k vocabulary takes milliseconds, this 0.1.
+    None when there are fewer than *n* blocks.
     """
+    maxima = np.maximum.reduceat(values, np.arange(0, len(values), block))
+    if len(maxima) < n or n <= 0:
+        return None
+    return float(np.partition(maxima, -n)[-n])
+
+
+def _best(values: np.ndarray, n: int, block: int = 512) -> np.ndarray:
+    """The ids of the *n* highest values, highest first (ties: lower id first)."""
     if n <= 0:
         return values[:0].astype(np.intp)
-    maxima = np.maximum.reduceat(values, np.arange(0, len(values), 512))
-    if len(maxima) < n:
+    bound = _bound(values, n, block)
+    if bound is None:
         candidates = np.arange(len(values))
-    else:  # n blocks have a value this high at least
-        candidates = np.flatnonzero(values >= np.partition(maxima, -n)[-n])
+    else:
+        candidates = np.flatnonzero(values >= bound)
     order = np.lexsort((candidates, -values[candidates]))[:n]
     return candidates[order]
 
