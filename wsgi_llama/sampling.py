@@ -12,6 +12,13 @@ A grammar that leaves no candidate must not reach llama.cpp's accept, which
 then throws through the C API and aborts the process: with a grammar, the
 candidates are built here, the chain applied, and the choice checked before
 it is accepted.
+
+llama.cpp's samplers go over the whole vocabulary (262k tokens for Gemma 3)
+where the result depends on a few tokens only; the same C samplers are given
+just those where that is exact (up to the order of exactly equal logits):
+the highest logit when nothing changes logits; the tokens that can make the
+top-k when penalties or a bias change some; the best token, or the best
+1,024, when a grammar has to judge them.
 """
 
 from __future__ import annotations
