@@ -598,6 +598,75 @@ def test_max_tokens_cap_bounds_every_generation(start_server: Start) -> None:
     assert response.json()["usage"]["completion_tokens"] <= 16 + 3
 
 
+@pytest.fixture(scope="module")
+def capped(start_server: Start) -> LiveServer:
+    return start_server(LLAMA_MAX_TOKENS="16", **ONE_THREAD)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/completions", "max_tokens"),
+        ("/v1/chat/completions", "max_tokens"),
+        ("/v1/chat/completions", "max_completion_tokens"),
+    ],
+)
+def test_max_tokens_cap_holds_for_requests_asking_more(
+    capped: LiveServer, path: str, field: str, stream: bool
+) -> None:
+    """LLAMA_MAX_TOKENS=16: a request for 200 tokens (or for no limit) gets 16."""
+    for asked in (200, None):
+        body: dict[str, Any] = {field: asked, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        if path == "/v1/completions":
+            body["prompt"] = "Cap"
+        else:
+            body["messages"] = [{"role": "user", "content": "Cap"}]
+        response = post(capped, path, body)
+        assert response.status_code == 200, response.text
+        if stream:
+            events = [
+                json.loads(line.removeprefix("data: "))
+                for line in response.text.splitlines()
+                if line.startswith("data: {")
+            ]
+            usage, finish = (
+                events[-1]["usage"],
+                [c["finish_reason"] for e in events for c in e["choices"]],
+            )
+            assert [f for f in finish if f] == ["length"], finish
+        else:
+            usage = response.json()["usage"]
+            assert response.json()["choices"][0]["finish_reason"] == "length"
+        assert usage["completion_tokens"] == 16, (asked, usage)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_seeds_choose_the_text(live: LiveServer, path: str) -> None:
+    """At temperature 2, a seed repeats its text; other seeds give others.
+
+    The tiny model's random weights make few tokens likely: at temperature 1,
+    10 seeds gave only 4 texts.
+    """
+
+    def text(seed: int) -> str:
+        body: dict[str, Any] = {"max_tokens": 24, "temperature": 2.0, "seed": seed}
+        if path == "/v1/completions":
+            body["prompt"] = "Seed"
+            response = post(live, path, body)
+            return response.json()["choices"][0]["text"]
+        body["messages"] = [{"role": "user", "content": "Seed"}]
+        response = post(live, path, body)
+        return response.json()["choices"][0]["message"]["content"]
+
+    texts = [text(seed) for seed in (1, 2, 3, 1)]
+    assert all(texts), texts
+    assert texts[0] == texts[3]  # the same seed, the same text
+    assert len(set(texts[:3])) == 3, texts  # three seeds, three texts
+
+
 # --- a worker killed with SIGKILL ----------------------------------------------------
 
 
