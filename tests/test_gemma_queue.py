@@ -12,7 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from conftest import LiveServer
-from test_streaming import abandon, check_framing, frames, hold_model
+from test_streaming import (
+    abandon,
+    check_framing,
+    frames,
+    hold_model,
+    queued_behind_holder,
+)
 
 pytestmark = pytest.mark.gemma
 
@@ -67,14 +73,18 @@ def hold(live: LiveServer, tokens: int) -> threading.Thread:
 
 
 def test_queued_stream_gets_heartbeats_while_it_waits(gemma_server: LiveServer) -> None:
-    holder = hold(gemma_server, 200)  # ~3-4 s of generation
-    got = stream(gemma_server, {"max_tokens": 8})
-    holder.join()
-    events, pings = check_framing(got)
+    body = {"prompt": PROMPT, "max_tokens": 8, "stream": True}
+    timed, released = queued_behind_holder(
+        gemma_server, body, pings=3, prompt=PROMPT, logit_bias=NO_END
+    )
+    events, pings = check_framing([frame for _, frame in timed])
     assert events
-    # Pings while it waited its turn, before the first event. (A ping between
-    # tokens is right too, if a busy machine makes one take over a second.)
-    assert pings[:2] == [0, 1], pings
+    # It waited its turn (no event before the holder let go of the model),
+    # with pings (1 s apart) all along. (A ping between tokens is right too,
+    # if a busy machine makes one take over a second.)
+    first_event = next(t for t, f in timed if f.startswith(b"data: {"))
+    assert first_event > released
+    assert pings[:3] == [0, 1, 2], pings
 
 
 def test_interval_zero_is_silent_while_queued(gemma_server: LiveServer) -> None:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 from conftest import LiveServer
+from disconnects import drop, send
 from openai_schema import validate
 
 LONG = 2000  # tokens: about 3 s of generation on the tiny model
@@ -132,14 +133,63 @@ def test_openai_client_without_streaming(server: LiveServer) -> None:
     )
 
 
+def queued_behind_holder(
+    server: LiveServer, body: dict[str, Any], pings: int, **hold: Any
+) -> tuple[list[tuple[float, bytes]], float]:
+    """Stream *body* while another stream holds the model, for as long as it
+    takes *body*'s stream to get *pings* heartbeats; then drop the holder.
+
+    Returns *body*'s frames with their arrival times, and the release time:
+    the queued request cannot have run before it, however fast the machine.
+    """
+    holder = send(
+        server.port,
+        "/v1/completions",
+        {"prompt": "hold", "max_tokens": 100_000, "stream": True, **hold},
+    )
+    holder.settimeout(120)
+    seen = b""
+    while b"data: {" not in seen:  # generating
+        chunk = holder.recv(65536)
+        assert chunk, seen
+        seen += chunk
+    got: list[tuple[float, bytes]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        raw = b""
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json=body, timeout=120
+        ) as response:
+            for chunk in response.iter_raw():
+                raw += chunk
+                *whole, raw = raw.split(b"\n\n")
+                got.extend((time.monotonic(), frame) for frame in whole)
+        done.set()
+
+    client = threading.Thread(target=run, daemon=True)
+    client.start()
+    deadline = time.monotonic() + 60
+    while sum(f == b": ping" for _, f in got) < pings:
+        assert time.monotonic() < deadline and not done.is_set(), got
+        time.sleep(0.01)
+    released = time.monotonic()
+    drop(holder)
+    client.join(120)
+    assert done.is_set()
+    return got, released
+
+
 def test_queued_stream_gets_heartbeats_then_events(server: LiveServer) -> None:
-    holder = hold_model(server)
-    got = stream(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 30})
-    holder.join()
-    events, pings = check_framing(got)
-    # Heartbeats while queued (0.2 s apart, for a wait of seconds), none once
-    # the fast tiny model is producing tokens.
-    assert len(pings) >= 3
+    body = {"prompt": "Hi", "max_tokens": 30, "stream": True}
+    timed, released = queued_behind_holder(server, body, pings=5)
+    events, pings = check_framing([frame for _, frame in timed])
+    # It really waited: no event before the holder let go of the model, and
+    # 5 heartbeats (0.2 s apart) while it waited.
+    first_event = next(t for t, f in timed if f.startswith(b"data: {"))
+    assert first_event > released
+    assert len([t for t, f in timed if f == b": ping" and t < released]) >= 5
+    # None once the fast tiny model produces tokens.
     assert pings == list(range(len(pings)))
     assert "".join(e["choices"][0]["text"] for e in events).__len__() == 30
 
