@@ -332,7 +332,14 @@ class Page:
     def click(self, element_id: str) -> None:
         self.driver.find_element("id", element_id).click()
 
-    def send(self, prompt: str, *, max_tokens: int, mode: str = "completion") -> None:
+    def send(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        mode: str = "completion",
+        temperature: float = 0.8,
+    ) -> None:
         # By script: on a phone the settings are folded away.
         self.driver.execute_script(
             "const e = document.getElementById(arguments[0]);"
@@ -340,7 +347,7 @@ class Page:
             f"mode-{mode}",
         )
         self.setting("max-tokens", str(max_tokens))
-        self.setting("temperature", "0.8")
+        self.setting("temperature", str(temperature))
         self.fill("prompt", prompt)
         self.click("send")
 
@@ -496,6 +503,7 @@ def test_error_event_mid_stream_shows_its_message(
         failed = page.until_state("error", "done")
     assert failed["error"] == "Waited 1 s in the queue for model 'tiny'; retry later."
     page.shot(artifacts, "error-mid-stream")
+    server.stop()
 
 
 def test_wrong_key_shows_the_apis_message(
@@ -713,7 +721,8 @@ def test_gemma_streams_in_chromium_and_stops(
     # A base model: the page picks completion and says why.
     assert browser.find_element("id", "mode-completion").is_selected()
     assert "no chat template" in browser.find_element("id", "mode-hint").text
-    page.send("The three largest rivers in Europe are", max_tokens=400)
+    # Greedy: the same long answer every time, never an early end.
+    page.send("The three largest rivers in Europe are", max_tokens=400, temperature=0)
     lengths = _streaming_lengths(page.watch_growth(distinct=6))
     assert len(lengths) >= 6, lengths
     page.click("stop")
@@ -724,3 +733,4 @@ def test_gemma_streams_in_chromium_and_stops(
     assert done["state"] == "done", done
     assert done["text"].strip()
     page.shot(artifacts, "gemma-done")
+    server.stop()  # Gemma's memory back for the rest of the session
