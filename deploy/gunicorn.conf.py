@@ -20,3 +20,35 @@ worker_connections = 1000
 timeout = 60
 graceful_timeout = 30
 keepalive = 5
+
+
+# /metrics in multiprocess mode: every worker writes its values to files in
+# one directory and a scrape of any worker adds them up. Without these hooks,
+# workers share a directory named after the master, left in the temporary
+# directory when it exits; with them, one made here and removed at the end.
+_metrics_dir = None
+
+
+def on_starting(server):
+    global _metrics_dir
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        _metrics_dir = tempfile.mkdtemp(prefix="wsgi-llama-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def child_exit(server, worker):
+    # A dead worker's gauges (queue depth, active generations) stop counting;
+    # its counters stay in the totals.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _metrics_dir is not None:
+        import shutil
+
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -54,11 +54,14 @@ def create_blueprint(
     own = dict(config or {})
     bp = Blueprint(name, __name__, url_prefix=url_prefix)
     bp.record(lambda state: _setup(state, own))
+    bp.before_request(lambda: _server().metrics.started())
     bp.before_request(_guard)
     bp.after_request(_cors)
+    bp.after_request(lambda response: _server().metrics.answered(response))
     errors.register(bp)
 
     bp.get("/health")(health)
+    bp.get("/metrics")(metrics)
     bp.get("/openapi.json")(openapi_json)
     bp.get("/v1/models")(list_models)
     bp.get("/v1/models/<path:model_id>")(get_model)
@@ -95,7 +98,8 @@ def _guard() -> Response | None:
         return current_app.make_default_options_response()
     request.max_content_length = settings.max_request_bytes
     endpoint = (request.endpoint or "").rpartition(".")[2]
-    if settings.api_keys and endpoint not in OPEN_ENDPOINTS:
+    public = OPEN_ENDPOINTS if settings.metrics_auth else (*OPEN_ENDPOINTS, "metrics")
+    if settings.api_keys and endpoint not in public:
         _authenticate(settings.api_keys)
     return None
 
@@ -155,6 +159,14 @@ def _cors(response: Response) -> Response:
 
 def health() -> Response:
     return jsonify({"status": "ok"})
+
+
+def metrics() -> Response:
+    """Prometheus' text format; ``LLAMA_METRICS=0`` turns the route off."""
+    server = _server()
+    if not server.settings.metrics:
+        raise APIError(f"Unknown route {request.path!r}.", 404, code="not_found")
+    return server.metrics.exposition()
 
 
 def openapi_json() -> Response:
@@ -451,6 +463,10 @@ def _generate(
             logits,
         )
     result = _run(server, model, call, logits)
+    usage = result.get("usage") or {}
+    server.metrics.tokens(
+        model.alias, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    )
     return responses.json_response(shape_result(result))
 
 
@@ -525,13 +541,22 @@ def _stream(
             return None
         return responses.usage_chunk(last, model.llama)
 
+    def counted() -> None:  # in the model's turn, once the generation ends
+        llama = model.llama
+        server.metrics.tokens(model.alias, llama.prompt_tokens, llama.completion_tokens)
+
+    def begin() -> Iterator[dict[str, Any]]:
+        model.llama.prompt_tokens = model.llama.completion_tokens = 0
+        return start()
+
     model.queue.check_room(model.alias)  # a 503 now, while it can be a status
     job = stream.Job(
         model=model,
-        start=start,
+        start=begin,
         shape=remember,
         final=final,
         logits=logits,
+        counted=counted,
     )
     generator = stream.events(
         job,
@@ -542,7 +567,7 @@ def _stream(
         functools.partial(_client_gone, request.environ),
     )
     return Response(
-        generator,
+        server.metrics.stream(generator, model.alias),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

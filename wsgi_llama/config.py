@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "LLAMA_QUEUE_TIMEOUT": 600.0,
     "LLAMA_CORS_ORIGINS": None,
     "LLAMA_PLAYGROUND": True,
+    "LLAMA_METRICS": True,
+    "LLAMA_METRICS_AUTH": True,
 }
 
 DEFAULT_PING_INTERVAL = 15.0
@@ -90,6 +92,8 @@ class Settings:
     queue_timeout: float
     cors_origins: tuple[str, ...]
     playground: bool = True
+    metrics: bool = True
+    metrics_auth: bool = True
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -210,6 +214,8 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
             config.get("LLAMA_CORS_ORIGINS"), "LLAMA_CORS_ORIGINS"
         ),
         playground=_flag(config.get("LLAMA_PLAYGROUND"), "LLAMA_PLAYGROUND"),
+        metrics=_flag(config.get("LLAMA_METRICS"), "LLAMA_METRICS"),
+        metrics_auth=_flag(config.get("LLAMA_METRICS_AUTH"), "LLAMA_METRICS_AUTH"),
     )
 
 

@@ -13,7 +13,7 @@ import copy
 import json
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from flask import Flask
 from flask.sansio.blueprints import BlueprintSetupState
 
 from .config import ModelSettings, Settings, load_settings, mount_config
+from .metrics import Metrics
 from .pool import Model, Pool
 from .threads import Runner
 
@@ -34,6 +35,8 @@ class Server:
     settings: Settings
     pool: Pool
     runner: Runner
+    #: The app's metrics, or ones that record nothing (``LLAMA_METRICS=0``).
+    metrics: Metrics = field(default_factory=lambda: Metrics(enabled=False))
 
 
 class ModelRegistry:
@@ -87,6 +90,8 @@ class Mounts(dict[str, Server]):
         super().__init__()
         self.models = ModelRegistry()
         self.runner = Runner()
+        #: The app's metrics, made by the first mount that has them on.
+        self.metrics: Metrics | None = None
 
     def __getattr__(self, name: str) -> Any:
         if name in _SERVER_FIELDS and len(self) == 1:
@@ -114,4 +119,10 @@ def setup(state: BlueprintSetupState, config: Mapping[str, Any] | None) -> Serve
     settings = load_settings(mount_config(app.config, config))
     pool = Pool([mounts.models.get(m, settings.queue_size) for m in settings.models])
     server = mounts[registered_name(state)] = Server(settings, pool, mounts.runner)
+    if settings.metrics:
+        if mounts.metrics is None:
+            mounts.metrics = Metrics.for_app(True)
+        server.metrics = mounts.metrics
+        for model in pool.models.values():
+            mounts.metrics.watch(model.queue, model.alias)
     return server

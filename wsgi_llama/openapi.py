@@ -108,6 +108,11 @@ RESPONSES: dict[str, Schema] = {
     ),
     "Health": _obj("status", status={"const": "ok"}),
     "Document": _obj("openapi info paths", openapi=_STR),
+    "Metrics": {
+        "type": "string",
+        "description": "Prometheus' text exposition format (OpenMetrics when "
+        "the Accept header asks for it).",
+    },
     "Model": _obj(
         "id object created owned_by",
         id=_STR,
@@ -227,11 +232,21 @@ class _Route(NamedTuple):
     errors: tuple[int, ...] = ()
     body: type[BaseModel] | None = None
     streams: bool = False
+    media: str = "application/json"
 
 
 _ROUTES = (
     _Route("/health", "get", "health", "Liveness (no API key needed)", "Health"),
     _Route("/openapi.json", "get", "openapi", "This document", "Document", _AUTH),
+    _Route(
+        "/metrics",
+        "get",
+        "metrics",
+        "Prometheus metrics (an API key unless LLAMA_METRICS_AUTH=0)",
+        "Metrics",
+        _AUTH,
+        media="text/plain",
+    ),
     _Route("/v1/models", "get", "listModels", "The models served", "ModelList", _AUTH),
     _Route(
         "/v1/models/{model_id}", "get", "retrieveModel", "A model", "Model", (401, 404)
@@ -339,7 +354,7 @@ def _error_response(status: int) -> Schema:
 
 
 def _operation(route: _Route) -> Schema:
-    content = {"application/json": {"schema": _ref(route.ok)}}
+    content = {route.media: {"schema": _ref(route.ok)}}
     if route.streams:
         content["text/event-stream"] = {"schema": _ref(f"{route.ok}Event")}
     ok = {"description": _STREAMING if route.streams else "OK", "content": content}

@@ -27,6 +27,8 @@ class Job:
     shape: Callable[[dict[str, Any]], dict[str, Any] | None]
     final: Callable[[], dict[str, Any] | None] = lambda: None
     logits: Callable[[], AbstractContextManager[Any]] = field(default=nullcontext)
+    #: Called in the model's turn once a generation has ended, however it ended.
+    counted: Callable[[], None] = lambda: None
 
 
 def events(
@@ -99,3 +101,4 @@ def _generate(job: Job, runner: Runner, interval: float) -> Iterator[bytes]:
                 step.wait()
         if chunks is not None:
             runner.call(getattr(chunks, "close", lambda: None))
+            job.counted()
