@@ -543,6 +543,17 @@ def test_detokenizer_holds_a_character_until_complete(llama: llama_cpp.Llama) ->
     assert detok.flush() == "\ufffd"
 
 
+@pytest.mark.parametrize(
+    "tokens",
+    [[BOS_ID, 3, 3], [BOS_ID, EOS_ID, 3, FIRST_BYTE_ID + 65], [3, BOS_ID, 3], [BOS_ID]],
+)
+def test_detokenizer_after_bos(llama: llama_cpp.Llama, tokens: list[int]) -> None:
+    """llama-cpp-python drops one leading space after a leading BOS."""
+    detok = Detokenizer(llama)
+    out = "".join(map(detok.feed, tokens)) + detok.flush()
+    assert out == llama.detokenize(tokens).decode()
+
+
 def test_detokenizer_spaces(llama: llama_cpp.Llama) -> None:
     detok = Detokenizer(llama)
     tokens = llama.tokenize(b" a b", add_bos=False)
