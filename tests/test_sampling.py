@@ -185,17 +185,31 @@ def test_same_text_as_llama_cpp_python(llama: llama_cpp.Llama, case: str) -> Non
     assert ours == theirs
 
 
-@pytest.mark.parametrize("top_k", [10, 40])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "gbnf", "full"),
+    [
+        (0.8, 10, "root ::= [a-z ]+", 0),
+        (0.8, 40, "root ::= [a-z ]+", 40),
+        (0.0, 40, "root ::= [a-z ]+", 0),
+        (0.0, 40, "root ::= [a-e]+", 0),
+    ],
+)
 def test_grammar_shortlist_samples_as_the_whole_vocabulary(
-    llama: llama_cpp.Llama, monkeypatch: pytest.MonkeyPatch, top_k: int
+    llama: llama_cpp.Llama,
+    monkeypatch: pytest.MonkeyPatch,
+    temperature: float,
+    top_k: int,
+    gbnf: str,
+    full: int,
 ) -> None:
     """The grammar tried on the best tokens first: same tokens as llama-cpp-python.
 
     With top-k 10 the shortlist has enough allowed tokens; with 40 it has too
     few ([a-z ] is 27 tokens) and the grammar goes over the whole vocabulary.
+    Greedy needs one allowed token in the shortlist.
     """
     monkeypatch.setattr(Sampler, "SHORTLIST", 48)
-    params = SamplingParams(seed=5, top_k=top_k, grammar="root ::= [a-z ]+")
+    params = SamplingParams(seed=5, temperature=temperature, top_k=top_k, grammar=gbnf)
     grammar = llama_cpp.LlamaGrammar.from_string(params.grammar, verbose=False)
     decoder = Decoder(llama)
     sampler = Sampler(llama, params)
@@ -205,10 +219,15 @@ def test_grammar_shortlist_samples_as_the_whole_vocabulary(
         tokens.append(sampler.sample(decoder.ctx, row))
         (row,) = decoder.decode([(0, tokens[-1:])])
     theirs = llama.create_completion(
-        prompt(llama), max_tokens=40, top_k=top_k, seed=5, grammar=grammar
+        prompt(llama),
+        max_tokens=40,
+        temperature=temperature,
+        top_k=top_k,
+        seed=5,
+        grammar=grammar,
     )["choices"][0]["text"]
     assert text_of(llama, tokens) == theirs
-    assert sampler.full_scans == (0 if top_k == 10 else 40)
+    assert sampler.full_scans == full
     sampler.close()
     decoder.close()
 

@@ -18,7 +18,10 @@ where the result depends on a few tokens only; the same C samplers are given
 just those where that is exact (up to the order of exactly equal logits):
 the highest logit when nothing changes logits; the tokens that can make the
 top-k when penalties or a bias change some; the best token, or the best
-1,024, when a grammar has to judge them.
+1,024, when a grammar has to judge them. A grammar still goes over the whole
+vocabulary when it allows fewer than top-k of the best 1,024 (a JSON
+grammar's structural positions, at temperature > 0): ``full_scans`` counts
+those.
 """
 
 from __future__ import annotations
@@ -284,6 +287,11 @@ class Sampler:
             best = self._data[self._cur.selected]
             if self._allows(int(best["id"]), float(best["logit"])):
                 return self._accept(int(best["id"]))
+            # Else the best the grammar allows among the best few hundred,
+            # if it allows any: no token outside has as high a logit.
+            token = self._best_allowed()
+            if token is not None:
+                return self._accept(token)
         elif self._shortlist is not None:
             # Top-k keeps the k best tokens the grammar allows: if the grammar
             # allows k of the best few hundred, the rest of the vocabulary
@@ -301,6 +309,28 @@ class Sampler:
         apply(self._head, cur)
         apply(self._grammar, cur)
         return self._finish()
+
+    def _best_allowed(self) -> int | None:
+        """Greedy over the tokens at or above the SHORTLIST-th highest logit
+        (after the penalties and bias): the first highest the grammar allows."""
+        logits = self._data["logit"]
+        block = max(1, min(self.BLOCK, self._n_vocab // (2 * self.SHORTLIST)))
+        bound = _bound(logits, self.SHORTLIST, block)
+        if bound is None:
+            return None
+        few = self._data[np.flatnonzero(logits >= bound)]  # a copy, in id order
+        cur = llama_cpp.llama_token_data_array(
+            data=few.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=len(few),
+            selected=-1,
+            sorted=False,
+        )
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(cur))
+        kept = few["logit"]
+        high = kept.max()
+        if not high > -np.inf:
+            return None
+        return int(few["id"][np.flatnonzero(kept == high)[0]])
 
     def _finish(self) -> int:
         """Apply the samplers after the grammar; accept what they choose."""
