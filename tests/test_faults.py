@@ -306,6 +306,11 @@ def test_disconnect_mid_stream_frees_the_model(
     assert time.monotonic() - started < 3
 
 
+# README.rst: +3.5 MB over 500 disconnects (benchmarks/disconnects.py --count
+# 500). A leak of 40 kB a disconnect (20 MB over 500) fails the test below.
+LEAK_KB = 40
+
+
 def test_disconnects_leave_no_threads_memory_or_sockets(start_server: Start) -> None:
     """The bounded CI version of benchmarks/disconnects.py (500 disconnects)."""
     fresh = start_server(LLAMA_N_CTX="4096", **FAST_PINGS, **ONE_THREAD)
@@ -325,7 +330,8 @@ def test_disconnects_leave_no_threads_memory_or_sockets(start_server: Start) -> 
         "non_stream",
     }
     first, last = rows[0][1], rows[-1][1]
-    assert last.rss_mb - first.rss_mb < 30, table
+    # A leak of LEAK_KB a disconnect fails here (+1.2 MB seen for the 100).
+    assert last.rss_mb - first.rss_mb < 100 * LEAK_KB / 1024, table
     assert last.threads <= first.threads + 3, table
     assert last.fds <= first.fds, table
     assert timed(fresh, {"prompt": "after", "max_tokens": 20}) < 5
