@@ -133,3 +133,48 @@ def test_chat_example_prints_text_with_the_readme_config(
     block = examples()["python"][1]
     output = run([sys.executable, "-c", with_port(block, live)])
     assert output.strip(), repr(output)
+
+
+def test_robustness_report_names_tests_that_exist() -> None:
+    """Every row of the report names a test, and every test it names exists."""
+    report = section("Robustness report")
+    rows = report.split("\n   * - ")[2:]  # after the header row
+    assert len(rows) >= 15, rows
+    for row in rows:
+        assert "::test_" in row, f"a row without a test: {row[:200]}"
+    current = None
+    names = re.findall(r"``(tests/\w+\.py)?::(test_\w+)``", report)
+    assert names
+    for path, name in names:
+        current = path or current
+        assert current is not None, name
+        source = (REPO / current).read_text("utf-8")
+        assert re.search(rf"^def {name}\(", source, re.M), f"{current}::{name}"
+
+
+def test_robustness_figures_name_their_command() -> None:
+    """Each resource figure in the report names the benchmark run behind it."""
+    rows = section("Robustness report").split("\n   * - ")[2:]
+    with_figures = 0
+    for row in rows:
+        _tried, outcome, _where = row.split("\n     - ")
+        if re.search(r"MB|p95", outcome):
+            with_figures += 1
+            command = r"``[^`]*benchmarks/\w+\.py\s+--[^`]*``"
+            assert re.search(command, outcome), outcome
+    assert with_figures >= 2
+
+
+def test_every_error_code_the_readme_names_is_asserted() -> None:
+    """Each ``code`` README.rst names is checked by some test, by its value."""
+    readme = (REPO / "README.rst").read_text("utf-8")
+    sources = "\n".join(
+        p.read_text("utf-8") for p in (REPO / "wsgi_llama").rglob("*.py")
+    )
+    codes = set(re.findall(r'code=\(?"([a-z_]+)"', sources))
+    named = {code for code in codes if f"``{code}``" in readme}
+    assert {"invalid_json", "invalid_token_id", "queue_full"} <= named, named
+    tests = "\n".join(p.read_text("utf-8") for p in (REPO / "tests").glob("test_*.py"))
+    for code in named:
+        asserted = rf'(==\s*"{code}"|code="{code}")'
+        assert re.search(asserted, tests), code
