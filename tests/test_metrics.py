@@ -26,6 +26,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsgi_llama import ConfigError
+from wsgi_llama.metrics import REFRESH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from disconnects import children, drop, read_until, send
@@ -301,6 +302,26 @@ def test_two_workers_add_up(two_workers: LiveServer) -> None:
 
 
 @linux_only
+def test_gauges_are_current_whichever_worker_is_scraped(
+    two_workers: LiveServer,
+) -> None:
+    holder = Holder(two_workers, tokens=4000)
+    time.sleep(2 * REFRESH)  # the holder's worker has refreshed its gauges
+    try:
+        # Each scrape reaches either worker; all see the one generation.
+        for _ in range(10):
+            samples = scrape_live(two_workers)
+            assert value(samples, "wsgi_llama_active_generations", model="tiny") == 1
+    finally:
+        holder.drop()
+    deadline = time.monotonic() + 30
+    active = "wsgi_llama_active_generations"
+    while value(scrape_live(two_workers), active, model="tiny"):
+        assert time.monotonic() < deadline, "the generation did not end"
+        time.sleep(0.1)
+
+
+@linux_only
 def test_a_dead_workers_counts_stay_and_its_gauges_go(
     two_workers: LiveServer,
 ) -> None:
@@ -328,7 +349,10 @@ def test_a_dead_workers_counts_stay_and_its_gauges_go(
 def one_worker(start_server: Start) -> LiveServer:
     """Heartbeats every 0.05 s; one worker, so a second request queues."""
     return start_server(
-        LLAMA_N_THREADS="1", LLAMA_PING_INTERVAL="0.05", LLAMA_MIN_PING_INTERVAL="0.05"
+        LLAMA_N_THREADS="1",
+        LLAMA_PING_INTERVAL="0.05",
+        LLAMA_MIN_PING_INTERVAL="0.05",
+        LLAMA_PARALLEL="1",  # one request at a time, with or without the engine
     )
 
 
@@ -338,6 +362,7 @@ class Holder:
     def __init__(self, live: LiveServer, tokens: int = 2000) -> None:
         self.pings = 0
         self.generating = threading.Event()
+        self.dropped = threading.Event()
         body = {"prompt": "hold", "max_tokens": tokens, "stream": True}
         self.thread = threading.Thread(target=self._run, args=(live, body))
         self.thread.start()
@@ -351,7 +376,14 @@ class Holder:
                 self.pings += line == ": ping"
                 if line.startswith("data: {"):
                     self.generating.set()
+                if self.dropped.is_set():
+                    break
         self.generating.set()
+
+    def drop(self) -> None:
+        """Leave (at the next line received) and wait for it."""
+        self.dropped.set()
+        self.thread.join(300)
 
     def join(self) -> int:
         self.thread.join(300)

@@ -14,19 +14,23 @@ guards its files with a lock that gevent has patched.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from flask import Response, request
 
 from .sse import DONE, PING
+from .threads import gevent_patched
 
 log = logging.getLogger("wsgi_llama")
 
@@ -37,6 +41,8 @@ _DURATIONS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 1
 _FIRST_TOKEN = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 _ERROR_EVENT = b'data: {"error":'
+#: Seconds between the background updates of the queue gauges.
+REFRESH = 1.0
 
 
 class Metrics:
@@ -45,6 +51,8 @@ class Metrics:
     def __init__(self, enabled: bool = True, directory: str | None = None) -> None:
         self.enabled = enabled
         self.directory = directory
+        self._queues: list[tuple[Queue, str]] = []
+        self._refresher: int | None = None  # the pid it runs in
         if not enabled:
             return
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -127,6 +135,7 @@ class Metrics:
         from prometheus_client.exposition import choose_encoder
         from prometheus_client.multiprocess import MultiProcessCollector
 
+        self._refresh()
         registry = self.registry
         if self.directory is not None:
             _forget_dead_workers(self.directory)
@@ -141,6 +150,8 @@ class Metrics:
     def started(self) -> None:
         """A ``before_request`` hook: note the arrival time."""
         request.environ[STARTED] = time.perf_counter()
+        if self.enabled:
+            self._refresh_in_background()
 
     def answered(self, response: Response) -> Response:
         """An ``after_request`` hook: count the status; time the body to its end."""
@@ -161,21 +172,36 @@ class Metrics:
             self.prompt_tokens.labels(model).inc(prompt)
             self.completion_tokens.labels(model).inc(completion)
 
-    def watch(self, queue: Any, model: str) -> None:
-        """Follow a model's queue: it reports its waiting and running requests.
+    def watch(self, queue: Queue, model: str) -> None:
+        """Report a model's queue in the gauges (mounts sharing one: the first).
 
-        Mounts sharing a loaded model share its queue: the first one names it.
+        The gauges are set from the queue's counts at each scrape and, in the
+        background, every :data:`REFRESH` seconds once the process serves (a
+        scrape reaches one worker; the others' files must be current too).
         """
-        if not self.enabled or queue.observe is not None:
+        if self.enabled and all(q is not queue for q, _ in self._queues):
+            self._queues.append((queue, model))
+            self._refresh()
+
+    def _refresh(self) -> None:
+        for queue, model in self._queues:
+            self.queue_depth.labels(model).set(len(queue))
+            self.active.labels(model).set(queue.running)
+
+    def _refresh_in_background(self) -> None:
+        """Start the refresher in this process (after a fork too), once."""
+        if self._refresher == os.getpid() or not self._queues:
             return
-        depth, active = self.queue_depth.labels(model), self.active.labels(model)
+        self._refresher = os.getpid()
+        loop = functools.partial(_refresh_loop, weakref.ref(self))
+        if gevent_patched():
+            import gevent
 
-        def observe(waiting: int, running: int) -> None:
-            depth.set(waiting)
-            active.set(running)
-
-        observe(0, 0)  # present from the start, not from the first request
-        queue.observe = observe
+            gevent.spawn(loop)
+        else:
+            threading.Thread(
+                target=loop, name="wsgi-llama-metrics", daemon=True
+            ).start()
 
     def stream(self, frames: Iterator[bytes], model: str) -> Iterator[bytes]:
         """*frames* unchanged, counting heartbeats, the first token and departures."""
@@ -208,6 +234,23 @@ class Metrics:
             close = getattr(frames, "close", None)
             if close is not None:
                 close()
+
+
+class Queue(Protocol):
+    """A model's queue, as the gauges see it: requests waiting and running."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+
+def _refresh_loop(ref: weakref.ref[Metrics]) -> None:
+    """Set the gauges every REFRESH seconds until the app is gone."""
+    while (metrics := ref()) is not None:
+        metrics._refresh()
+        del metrics
+        time.sleep(REFRESH)
 
 
 def _route() -> str:

@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -174,11 +174,14 @@ class FairQueue:
         self._mutex = threading.Lock()
         self._waiters: deque[Ticket] = deque()
         self._busy = False
-        #: Told the requests waiting and running after every change (metrics).
-        self.observe: Callable[[int, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self._waiters)
+
+    @property
+    def running(self) -> int:
+        """Requests generating now (for metrics): 0 or 1."""
+        return int(self._busy)
 
     def check_room(self, alias: str) -> None:
         """Raise :class:`QueueFull` if a request arriving now would be turned away."""
@@ -189,27 +192,21 @@ class FairQueue:
         with self._mutex:
             if not self._busy:
                 self._busy = True
-                self._changed()
                 return Ticket(self, None)
             self.check_room(alias)
             ticket = Ticket(self, threading.Event())
             self._waiters.append(ticket)
-            self._changed()
             return ticket
 
     def _leave(self, ticket: Ticket) -> None:
         with self._mutex:
             if ticket in self._waiters and not ticket.wait(0):
                 self._waiters.remove(ticket)
-            elif self._waiters:
+                return
+            if self._waiters:
                 self._waiters.popleft()._event.set()
             else:
                 self._busy = False
-            self._changed()
-
-    def _changed(self) -> None:
-        if self.observe is not None:
-            self.observe(len(self._waiters), int(self._busy))
 
 
 class Model:
