@@ -558,13 +558,16 @@ def _stream(
         logits=logits,
         counted=counted,
     )
-    generator = stream.events(
-        job,
-        server.runner,
-        _ping_interval(body, settings),
-        settings.queue_timeout,
-        lambda exc: llama_error(exc, model),
-        functools.partial(_client_gone, request.environ),
+    generator = server.shutdown.watch(
+        stream.events(
+            job,
+            server.runner,
+            _ping_interval(body, settings),
+            settings.queue_timeout,
+            lambda exc: llama_error(exc, model),
+            functools.partial(_client_gone, request.environ),
+        ),
+        request.environ,
     )
     return Response(
         server.metrics.stream(generator, model.alias),

@@ -23,6 +23,7 @@ from flask.sansio.blueprints import BlueprintSetupState
 from .config import ModelSettings, Settings, load_settings, mount_config
 from .metrics import Metrics
 from .pool import Model, Pool
+from .shutdown import Shutdown
 from .threads import Runner
 
 EXTENSION = "wsgi_llama"
@@ -30,11 +31,13 @@ EXTENSION = "wsgi_llama"
 
 @dataclass
 class Server:
-    """One mount's settings and models, and the app's thread runner."""
+    """One mount's settings and models; the app's thread runner and shutdown."""
 
     settings: Settings
     pool: Pool
     runner: Runner
+    #: Ends the app's streams before gunicorn kills the worker on shutdown.
+    shutdown: Shutdown = field(default_factory=Shutdown)
     #: The app's metrics, or ones that record nothing (``LLAMA_METRICS=0``).
     metrics: Metrics = field(default_factory=lambda: Metrics(enabled=False))
 
@@ -90,6 +93,7 @@ class Mounts(dict[str, Server]):
         super().__init__()
         self.models = ModelRegistry()
         self.runner = Runner()
+        self.shutdown = Shutdown()
         #: The app's metrics, made by the first mount that has them on.
         self.metrics: Metrics | None = None
 
@@ -118,7 +122,9 @@ def setup(state: BlueprintSetupState, config: Mapping[str, Any] | None) -> Serve
         mounts = app.extensions[EXTENSION] = Mounts()
     settings = load_settings(mount_config(app.config, config))
     pool = Pool([mounts.models.get(m, settings.queue_size) for m in settings.models])
-    server = mounts[registered_name(state)] = Server(settings, pool, mounts.runner)
+    server = mounts[registered_name(state)] = Server(
+        settings, pool, mounts.runner, mounts.shutdown
+    )
     if settings.metrics:
         if mounts.metrics is None:
             mounts.metrics = Metrics.for_app(True)
