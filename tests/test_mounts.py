@@ -209,7 +209,11 @@ def test_live_headers_and_first_heartbeat_go_out_at_once(live_host: LiveServer) 
     holder = hold_model(Mount(f"{live_host.url}/b"))
     body = {"prompt": "Hi", "max_tokens": 5, "stream": True, "sse_ping_interval": 30}
     with httpx.stream(
-        "POST", f"{live_host.url}/a/v1/completions", json=body, headers=KEY_A
+        "POST",
+        f"{live_host.url}/a/v1/completions",
+        json=body,
+        headers=KEY_A,
+        timeout=120,
     ) as response:
         chunks = response.iter_raw()
         first = next(chunks)
