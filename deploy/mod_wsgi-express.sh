@@ -6,7 +6,9 @@
 #   /srv/wsgi-llama/venv/bin/pip install wsgi-llama mod-wsgi
 # Defaults that break long generations are raised here: request-timeout (60 s
 # by default) would restart the daemon mid-stream and reload the model.
-# As root, --user/--group name the unprivileged user the daemon runs as.
+# As root, --user/--group name the unprivileged user the daemon runs as. It
+# passes the Authorization header (LLAMA_API_KEY) and uses the main
+# interpreter (%{GLOBAL}) by default.
 exec /srv/wsgi-llama/venv/bin/mod_wsgi-express start-server \
     /srv/wsgi-llama/app/wsgi_llama.wsgi \
     --host 127.0.0.1 --port 8000 \
@@ -21,7 +23,6 @@ exec /srv/wsgi-llama/venv/bin/mod_wsgi-express start-server \
     --startup-timeout 120 \
     --graceful-timeout 30 \
     --shutdown-timeout 30 \
-    --pass-authorization \
     --setenv LLAMA_MODEL /srv/wsgi-llama/models/gemma-3-270m-q4_k_m.gguf \
     --setenv LLAMA_N_THREADS 2 \
     --setenv LLAMA_PING_INTERVAL 15 \

@@ -131,6 +131,16 @@ def test_heartbeat_goes_out_at_once_then_tokens_as_produced(
         f"{got.events[0][0]:.3f} s, [DONE] {got.frames[-1][0]:.3f} s, "
         f"{len(got.pings)} pings"
     )
+    quiet = stream(
+        passenger.url(),
+        {"prompt": "xy" * 1500, "max_tokens": 300, "sse_ping_interval": 0},
+    )
+    quiet.check_framing()
+    assert quiet.pings == []
+    print(
+        f"Passenger, heartbeats off: headers after {quiet.headers_at:.3f} s, "
+        f"first token {quiet.events[0][0]:.3f} s"
+    )
 
 
 def hold(url: str, tokens: int = 1000) -> tuple[threading.Thread, list[Stream]]:
