@@ -324,7 +324,10 @@ def test_host_app_keeps_its_routes_and_mounts_have_their_own_heartbeats(
     pinged = stream(host, slow_prompt, path="/llm/v1/completions")
     pinged.check_framing()
     assert pinged.frames[0][1] == b": ping"
-    quiet = stream(host, slow_prompt, path="/compat/v1/completions")
+    # Another prompt: the same one would come from llama.cpp's cache.
+    quiet = stream(
+        host, {**slow_prompt, "prompt": "zw" * 1500}, path="/compat/v1/completions"
+    )
     quiet.check_framing()
     assert quiet.pings == []
     print(

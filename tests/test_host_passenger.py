@@ -133,7 +133,8 @@ def test_heartbeat_goes_out_at_once_then_tokens_as_produced(
     )
     quiet = stream(
         passenger.url(),
-        {"prompt": "xy" * 1500, "max_tokens": 300, "sse_ping_interval": 0},
+        # Another prompt: the same one would come from llama.cpp's cache.
+        {"prompt": "zw" * 1500, "max_tokens": 300, "sse_ping_interval": 0},
     )
     quiet.check_framing()
     assert quiet.pings == []
