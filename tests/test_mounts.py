@@ -18,7 +18,7 @@ from hostapp import create_host
 from openai_schema import validate
 from test_streaming import check_framing, frames, hold_model
 
-from wsgi_llama import ConfigError, create_blueprint
+from wsgi_llama import ConfigError, WsgiLlama, create_blueprint
 
 KEY_A = {"Authorization": "Bearer key-a"}
 
@@ -130,6 +130,21 @@ def test_different_options_load_another_copy(tiny_model: Path) -> None:
     assert len(mounts.models) == 2
     assert mounts["small"].pool.get(None).n_ctx == 256
     assert mounts["big"].pool.get(None).n_ctx == 512
+
+
+def test_extension_with_init_app(tiny_model: Path) -> None:
+    compat = WsgiLlama(name="compat", url_prefix="/compat", LLAMA_PING_INTERVAL=0)
+    host = Flask("host")
+    host.config.update(LLAMA_MODEL=str(tiny_model), LLAMA_N_CTX=512)
+    WsgiLlama(host, url_prefix="/v1-api")
+    compat.init_app(host)
+    mounts = host.extensions["wsgi_llama"]
+    assert mounts["compat"].settings.ping_interval == 0
+    assert mounts["wsgi_llama"].settings.ping_interval == 15
+    assert len(mounts.models) == 1
+    client = host.test_client()
+    assert client.get("/compat/v1/models").status_code == 200
+    assert client.get("/v1-api/nothing").json["error"]["code"] == "not_found"
 
 
 def test_bad_mount_setting_names_the_key(tiny_model: Path) -> None:

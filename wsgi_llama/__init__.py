@@ -16,10 +16,17 @@ from typing import Any
 
 from .api import create_blueprint
 from .config import ConfigError
-from .factory import create_app
+from .factory import WsgiLlama, create_app
 from .hosting import make_application
 
-__all__ = ["ConfigError", "app", "create_app", "create_blueprint", "make_application"]
+__all__ = [
+    "ConfigError",
+    "WsgiLlama",
+    "app",
+    "create_app",
+    "create_blueprint",
+    "make_application",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -30,3 +30,28 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if not logging.getLogger("wsgi_llama").handlers:
         logging.getLogger("wsgi_llama").setLevel(logging.INFO)
     return app
+
+
+class WsgiLlama:
+    """The API as a Flask extension, for apps built with ``init_app``.
+
+    ``WsgiLlama(app, url_prefix="/llm", LLAMA_PING_INTERVAL=0)`` is
+    ``app.register_blueprint(create_blueprint({...}, url_prefix="/llm"))``;
+    several instances are several mounts, each with its own ``name``.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        name: str = "wsgi_llama",
+        url_prefix: str | None = None,
+        **config: Any,
+    ) -> None:
+        self.blueprint = create_blueprint(config, name, url_prefix)
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Mount the API on *app*; this loads its models (ConfigError if bad)."""
+        app.register_blueprint(self.blueprint)
