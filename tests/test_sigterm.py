@@ -96,10 +96,12 @@ def events(body: bytes) -> list[bytes]:
 
 
 def test_short_stream_finishes_after_sigterm(tmp_path: Path, tiny_model: Path) -> None:
-    server = start(tmp_path, tiny_model, "--graceful-timeout", "20")
+    # Well within the timeout, even on a loaded machine (~1 s when idle).
+    server = start(tmp_path, tiny_model, "--graceful-timeout", "60")
     try:
-        sock = open_stream(server, {"prompt": "Hi", "max_tokens": 1500})
+        sock = open_stream(server, {"prompt": "Hi", "max_tokens": 600})
         received = read_until(sock, b"data: {")
+        assert b"[DONE]" not in received
         server.process.send_signal(signal.SIGTERM)
         raw = read_to_close(sock, received)
         body, complete = unchunk(raw)
@@ -111,8 +113,9 @@ def test_short_stream_finishes_after_sigterm(tmp_path: Path, tiny_model: Path) -
             for f in frames
             if f.startswith(b"data: {")
         )
-        assert len(text) == 1500
-        assert server.process.wait(30) == 0
+        assert len(text) == 600
+        assert server.process.wait(60) == 0
+        assert "Worker exiting" in server.log.read_text()
     finally:
         server.stop()
 
@@ -126,16 +129,21 @@ def test_long_stream_ends_with_an_error_event_before_the_kill(
         # Runs to the end of the 8192-token context: far longer than 3 s.
         sock = open_stream(server, {"prompt": "Hi", "max_tokens": 8000})
         received = read_until(sock, b"data: {")
+        # And one waiting in the queue behind it, heartbeats off.
+        queued = open_stream(server, {"prompt": "Q", "sse_ping_interval": 0})
+        queued_head = read_until(queued, b"\r\n\r\n")
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         raw = read_to_close(sock, received)
         closed = time.monotonic() - signalled
-        body, complete = unchunk(raw)
-        frames = events(body)
-        assert complete, (closed, frames[-2:])
-        error = json.loads(frames[-1][len(b"data: ") :])
-        validate(error, "ErrorResponse")
-        assert error["error"]["code"] == "server_shutting_down"
+        for got in (raw, read_to_close(queued, queued_head)):
+            body, complete = unchunk(got)
+            frames = events(body)
+            assert complete, (closed, frames[-2:])
+            error = json.loads(frames[-1][len(b"data: ") :])
+            validate(error, "ErrorResponse")
+            assert error["error"]["code"] == "server_shutting_down"
+        assert len(frames) == 1  # the queued one: nothing but the error
         assert server.process.wait(30) == 0
         log = server.log.read_text()
         # The worker exited by itself, before gunicorn's kill.
