@@ -34,7 +34,7 @@ from .threads import gevent_patched
 
 log = logging.getLogger("wsgi_llama")
 
-#: Where the request's arrival time is kept, in the WSGI environ.
+#: Where the request's arrival time (time.monotonic) is kept, in the WSGI environ.
 STARTED = "wsgi_llama.started"
 
 _DURATIONS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -149,7 +149,7 @@ class Metrics:
 
     def started(self) -> None:
         """A ``before_request`` hook: note the arrival time."""
-        request.environ[STARTED] = time.perf_counter()
+        request.environ[STARTED] = time.monotonic()
         if self.enabled:
             self._refresh_in_background()
 
@@ -161,9 +161,9 @@ class Metrics:
         self.requests.labels(route, str(response.status_code)).inc()
         if response.status_code == 499:  # a whole request whose client left
             self.disconnects.labels(route).inc()
-        started = request.environ.get(STARTED, time.perf_counter())
+        started = request.environ.get(STARTED, time.monotonic())
         response.call_on_close(
-            lambda: self.duration.labels(route).observe(time.perf_counter() - started)
+            lambda: self.duration.labels(route).observe(time.monotonic() - started)
         )
         return response
 
@@ -222,7 +222,7 @@ class Metrics:
                     ended = True
                 elif first and frame.startswith(b"data: {") and started is not None:
                     first = False
-                    elapsed = time.perf_counter() - started
+                    elapsed = time.monotonic() - started
                     self.first_token.labels(model).observe(elapsed)
                 yield frame
         finally:
