@@ -114,15 +114,20 @@ def nginx(
             server.stop()
 
 
-def hold(url: str, tokens: int = 1000) -> tuple[threading.Thread, list[Stream]]:
-    """A long stream in a thread; returns once its first token has arrived."""
+def hold(
+    url: str, tokens: int = 1000, release: threading.Event | None = None
+) -> tuple[threading.Thread, list[Stream]]:
+    """A long stream in a thread; returns once its first token has arrived.
+
+    Its client leaves (freeing the model) once *release* is set.
+    """
     started = threading.Event()
     result: list[Stream] = []
 
     def first_token(got: Stream) -> bool:
         if got.events:
             started.set()
-        return False
+        return release is not None and release.is_set()
 
     def run() -> None:
         try:
@@ -214,15 +219,18 @@ def test_heartbeats_keep_a_waiting_stream_past_the_read_timeout(
 ) -> None:
     # The model is busy for longer than nginx's proxy_read_timeout: a waiting
     # stream with heartbeats survives, one without them is cut.
+    release = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        holder, _ = hold(backends[0].url, 3000)
+        holder, _ = hold(backends[0].url, 4000, release)
         kept = pool.submit(stream, nginx.url(2), {"prompt": "a", "max_tokens": 5})
         silent = pool.submit(
             stream,
             nginx.url(2),
             {"prompt": "b", "max_tokens": 5, "sse_ping_interval": 0},
         )
-        kept_stream, silent_stream = kept.result(), silent.result()
+        silent_stream = silent.result()
+        release.set()  # the holder leaves once the silent stream is cut
+        kept_stream = kept.result()
         holder.join(120)
     kept_stream.check_framing()
     waited = kept_stream.events[0][0]

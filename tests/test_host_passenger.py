@@ -182,7 +182,7 @@ def test_two_concurrent_requests_both_complete(passenger: Apache) -> None:
 
 def test_a_client_that_goes_away_frees_its_process(passenger: Apache) -> None:
     # Both processes busy: one holds a long stream, the other's client leaves.
-    holder, _ = hold(passenger.url(), 2000)
+    holder, _ = hold(passenger.url(), 1000)
     dropped = stream(
         passenger.url(),
         {"prompt": "leave", "max_tokens": 3000},
