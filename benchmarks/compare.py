@@ -434,9 +434,11 @@ def measure_server(
                 reps.append(
                     measure_rep(server, client, direct, prompts, plan, log, rep)
                 )
-        except Exception as exc:  # keep the reps done; report, go on
-            log(f"{server.name} failed after {len(reps)} rep(s): {exc!r}")
+        except (Exception, KeyboardInterrupt, SystemExit) as exc:
+            # Keep the reps done; on an error go on, when interrupted stop.
+            log(f"{server.name} stopped after {len(reps)} rep(s): {exc!r}")
             result["error"] = f"after {len(reps)} rep(s): {exc!r}"
+            result["interrupted"] = not isinstance(exc, Exception)
     result["rss"] = vm_hwm(server.pid)
     return result
 
@@ -972,10 +974,16 @@ def main() -> None:
             if result["reps"]:
                 result["summary"] = summarize(result)
             report["servers"][name] = result
-        report["in_process"] = direct.call(op="rss")
+            if result.pop("interrupted", False):
+                break
+        else:
+            report["in_process"] = direct.call(op="rss")
+    except (KeyboardInterrupt, SystemExit) as exc:
+        report["notes"].append(f"interrupted ({exc!r}): the figures so far")
     finally:
         direct.stop()
         prompts.close()
+    report.setdefault("in_process", {})
     report["machine"]["load_after"] = os.getloadavg()
     report["elapsed_s"] = time.monotonic() - began
     report["targets"] = targets(report["servers"])
@@ -996,6 +1004,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str))
         print(f"figures: {args.json}")
+    if any(note.startswith("interrupted") for note in report["notes"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
