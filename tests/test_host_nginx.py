@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, LiveServer
 from hosts.client import Stream, post, stream, timed
 from hosts.packages import need
-from hosts.servers import Nginx, deploy_file, free_port, public_dir
+from hosts.servers import DEPLOY, Nginx, deploy_file, free_port, public_dir
 from live_server import gunicorn_command  # conftest puts benchmarks/ on the path
 
 pytestmark = pytest.mark.skipif(
@@ -74,9 +74,12 @@ def backends(start_server: Start) -> tuple[LiveServer, LiveServer]:
         "LLAMA_MIN_PING_INTERVAL": "0.05",
         "LLAMA_N_THREADS": "1",
     }
+    # With deploy/gunicorn.conf.py, as deploy/wsgi-llama@.service runs them
+    # (its -b on the command line wins over the file's BIND).
+    conf = ("-c", str(DEPLOY / "gunicorn.conf.py"))
     return (
-        start_server(LLAMA_MODEL_ALIAS="backend-a", **settings),
-        start_server(LLAMA_MODEL_ALIAS="backend-b", **settings),
+        start_server(*conf, LLAMA_MODEL_ALIAS="backend-a", **settings),
+        start_server(*conf, LLAMA_MODEL_ALIAS="backend-b", **settings),
     )
 
 
