@@ -44,6 +44,9 @@ ONE_THREAD = {"LLAMA_N_THREADS": "1"}
 # Tokens for a stream that holds the model for seconds (generation slows as
 # it goes: llama-cpp-python detokenizes the whole completion at every token).
 HOLD = 4000
+# A suffix keeps a request off the batching engine: it holds the whole model,
+# so the others queue behind it whatever LLAMA_PARALLEL is.
+HOLDER = {"prompt": "hold", "max_tokens": HOLD, "suffix": ""}
 
 # The tiny model's byte token for 0xF0, the lead byte of a 4-byte UTF-8 sequence.
 LEAD_BYTE_TOKEN = "244"
@@ -133,7 +136,7 @@ def live(start_server: Start) -> LiveServer:
 
 def test_queued_clients_that_leave_give_their_place_back(start_server: Start) -> None:
     limited = start_server(LLAMA_QUEUE_SIZE="3", **FAST_PINGS, **ONE_THREAD)
-    holder = Raw(limited, {"prompt": "hold", "max_tokens": HOLD})
+    holder = Raw(limited, HOLDER)
     holder.until(DATA)
 
     def queue_one() -> Raw | None:
@@ -173,7 +176,7 @@ def test_queued_client_with_long_prompt_leaves_before_processing(
 ) -> None:
     prompt = "xy" * 3500  # 7000 tokens
     processing = timed(live, {"prompt": "a" + prompt, "max_tokens": 1})
-    holder = Raw(live, {"prompt": "hold", "max_tokens": HOLD})
+    holder = Raw(live, HOLDER)
     holder.until(DATA)
     waiting = Raw(live, {"prompt": "b" + prompt, "max_tokens": 1000})
     assert DATA not in waiting.until(PING)
@@ -190,7 +193,7 @@ def test_queued_client_without_heartbeats_leaves_before_processing(
 ) -> None:
     prompt = "xy" * 3500
     processing = timed(live, {"prompt": "c" + prompt, "max_tokens": 1})
-    holder = Raw(live, {"prompt": "hold", "max_tokens": HOLD})
+    holder = Raw(live, HOLDER)
     holder.until(DATA)
     body = {"prompt": "d" + prompt, "max_tokens": 1000, "sse_ping_interval": 0}
     waiting = Raw(live, body)
@@ -205,7 +208,7 @@ def test_queued_client_without_heartbeats_leaves_before_processing(
 
 def test_dropped_non_streaming_requests_do_not_run(live: LiveServer) -> None:
     generating = timed(live, {"prompt": "e", "max_tokens": 1000})
-    holder = Raw(live, {"prompt": "hold", "max_tokens": HOLD})
+    holder = Raw(live, HOLDER)
     holder.until(DATA)
     waiting = [
         send(live.port, "/v1/completions", {"prompt": p, "max_tokens": 1000})
@@ -801,7 +804,7 @@ def test_sigkilled_worker_is_replaced_and_the_other_keeps_serving(
 
 def test_full_queue_answers_503_with_retry_after(start_server: Start) -> None:
     limited = start_server(LLAMA_QUEUE_SIZE="2", **FAST_PINGS, **ONE_THREAD)
-    holder = Raw(limited, {"prompt": "hold", "max_tokens": HOLD})
+    holder = Raw(limited, HOLDER)
     holder.until(DATA)
     waiting = [Raw(limited, {"prompt": "w", "max_tokens": 5}) for _ in range(2)]
     for client in waiting:
@@ -827,7 +830,7 @@ def test_full_queue_answers_503_with_retry_after(start_server: Start) -> None:
 
 def test_queue_timeout_for_streams_and_plain_requests(start_server: Start) -> None:
     impatient = start_server(LLAMA_QUEUE_TIMEOUT="1", **FAST_PINGS, **ONE_THREAD)
-    holder = Raw(impatient, {"prompt": "hold", "max_tokens": HOLD})
+    holder = Raw(impatient, HOLDER)
     holder.until(DATA)
 
     started = time.monotonic()

@@ -30,8 +30,13 @@ PROMPT = "Write a long story about a lighthouse keeper and the sea."
 def gemma_server(
     start_server: Callable[..., LiveServer], gemma_model: Path
 ) -> LiveServer:
+    # One request at a time: these tests are about the FIFO queue in front of
+    # it (tests/test_engine.py covers several sequences at once).
     return start_server(
-        LLAMA_MODEL=str(gemma_model), LLAMA_N_CTX="2048", LLAMA_PING_INTERVAL="1"
+        LLAMA_MODEL=str(gemma_model),
+        LLAMA_N_CTX="2048",
+        LLAMA_PING_INTERVAL="1",
+        LLAMA_PARALLEL="1",
     )
 
 

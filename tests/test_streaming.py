@@ -54,11 +54,22 @@ def check_framing(got: list[bytes]) -> tuple[list[dict[str, Any]], list[int]]:
 def hold_model(
     server: LiveServer, tokens: int = LONG, **extra: Any
 ) -> threading.Thread:
-    """Keep the model busy with a long stream; return once it is generating."""
+    """Keep the model busy with a long stream; return once it is generating.
+
+    A ``suffix`` makes it a request the batching engine does not take: it
+    holds the whole model, so others queue behind it whatever LLAMA_PARALLEL
+    is.
+    """
     started = threading.Event()
 
     def run() -> None:
-        body = {"prompt": "hold", "max_tokens": tokens, "stream": True, **extra}
+        body = {
+            "prompt": "hold",
+            "max_tokens": tokens,
+            "stream": True,
+            "suffix": "",
+            **extra,
+        }
         with httpx.stream(
             "POST", server.url + "/v1/completions", json=body, timeout=300
         ) as r:

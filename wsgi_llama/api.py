@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import logging
 import select
 import socket
 import time
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.sansio.blueprints import BlueprintSetupState
+from llama_cpp import llama_chat_format
 from werkzeug.exceptions import (
     HTTPException,
     MethodNotAllowed,
@@ -26,6 +28,7 @@ from werkzeug.exceptions import (
 )
 
 from . import errors, mounts, openapi, playground, responses, schemas, stream
+from .batched import EngineLlama, Pump, Unbatchable
 from .config import Settings
 from .errors import APIError
 from .mounts import EXTENSION, Server
@@ -37,6 +40,8 @@ from .pool import Model, QueueTimeout
 OPEN_ENDPOINTS = ("health", "unknown_route", *playground.OPEN_ENDPOINTS)
 #: Methods the catch-all under a mount's prefix answers (with a 404 or 405).
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+
+log = logging.getLogger("wsgi_llama")
 
 
 def create_blueprint(
@@ -205,19 +210,34 @@ def completions() -> Response:
         if echo:
             raise APIError("echo needs a text prompt, not token ids.", param="echo")
         model.check_tokens(prompt, "prompt")
-        n_prompt = len(prompt)
+        tokens = prompt
     else:
-        n_prompt = len(_tokenize(server, model, prompt, "prompt"))
-    _check_context(model, n_prompt)
+        tokens = _tokenize(server, model, prompt, "prompt")
+    _check_context(model, len(tokens))
     kwargs.update(prompt=prompt, suffix=body.suffix, echo=echo, logprobs=body.logprobs)
-    return _generate(
+
+    def one_at_a_time() -> Response:
+        return _generate(
+            server,
+            body,
+            model,
+            lambda **more: model.llama.create_completion(**kwargs, **more),
+            body.logprobs is not None,
+            responses.completion_chunk,
+            responses.completion,
+        )
+
+    if model.engine is None or echo or body.suffix is not None:
+        return one_at_a_time()
+    batched = {**kwargs, "prompt": tokens}
+    return _batched(
         server,
         body,
         model,
-        lambda **more: model.llama.create_completion(**kwargs, **more),
-        body.logprobs is not None,
+        lambda llama, **more: llama.create_completion(**batched, **more),
         responses.completion_chunk,
         responses.completion,
+        one_at_a_time,
     )
 
 
@@ -250,15 +270,59 @@ def chat_completions() -> Response:
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
     )
-    return _generate(
+
+    def one_at_a_time() -> Response:
+        return _generate(
+            server,
+            body,
+            model,
+            lambda **more: model.llama.create_chat_completion(**kwargs, **more),
+            body.logprobs,
+            responses.chat_chunk,
+            responses.chat_completion,
+        )
+
+    handler = _chat_handler(model.llama)
+    if model.engine is None or not _templates_only(handler):
+        if model.engine is not None:
+            _unbatched(model, "its chat handler generates by itself")
+        return one_at_a_time()
+    return _batched(
         server,
         body,
         model,
-        lambda **more: model.llama.create_chat_completion(**kwargs, **more),
-        body.logprobs,
+        lambda llama, **more: handler(llama=llama, **kwargs, **more),
         responses.chat_chunk,
         responses.chat_completion,
+        one_at_a_time,
     )
+
+
+def _chat_handler(llama: Any) -> Callable[..., Any]:
+    """The handler llama-cpp-python's create_chat_completion would use."""
+    return (
+        llama.chat_handler
+        or llama._chat_handlers.get(llama.chat_format)
+        or llama_chat_format.get_chat_completion_handler(llama.chat_format)
+    )
+
+
+def _templates_only(handler: Callable[..., Any]) -> bool:
+    """Whether *handler* only templates and calls create_completion once.
+
+    Handlers made from a chat format or a Jinja template do; others (tool
+    calling handlers, for one) drive the model themselves.
+    """
+    name = getattr(handler, "__qualname__", "")
+    return name.startswith("chat_formatter_to_chat_completion_handler.")
+
+
+def _unbatched(model: Model, why: str) -> None:
+    assert model.engine is not None
+    model.engine.stats["exclusive_requests"] = (
+        model.engine.stats.get("exclusive_requests", 0) + 1
+    )
+    log.info("model %r: a request runs one at a time: %s", model.alias, why)
 
 
 def embeddings() -> Response:
@@ -518,6 +582,86 @@ def _run(
                 raise llama_error(exc, model) from exc
     finally:
         ticket.leave()
+
+
+def _batched(
+    server: Server,
+    body: schemas.Sampling,
+    model: Model,
+    run: Callable[..., Any],
+    shape_chunk: Callable[[dict[str, Any], bool], dict[str, Any]],
+    shape_result: Callable[[dict[str, Any]], dict[str, Any]],
+    one_at_a_time: Callable[[], Response],
+) -> Response:
+    """Run a generation on the engine, beside the model's other requests.
+
+    *run(llama, stream=...)* is llama-cpp-python code (a chat handler, or
+    create_completion) given an :class:`EngineLlama`. It runs in a
+    :class:`Pump` until it first waits for the engine, here, so that a full
+    queue is still a 503 and a request the engine cannot take goes
+    *one_at_a_time*.
+    """
+    streaming = bool(body.stream)
+    proxies: list[EngineLlama] = []
+
+    def generate(pump: Pump) -> Any:
+        llama = EngineLlama(model, server.runner.call, pump.wait)
+        proxies.append(llama)
+        result = run(llama, stream=streaming)
+        if not streaming:
+            return result
+        for chunk in result:
+            pump.emit(chunk)
+        return None
+
+    pump = Pump(generate)
+    try:
+        first = pump.step()
+    except Unbatchable as exc:
+        _unbatched(model, f"it needs {exc}")
+        return one_at_a_time()
+    except Exception as exc:
+        raise llama_error(exc, model) from exc
+    if streaming:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        last: dict[str, Any] = {}
+
+        def shape(chunk: dict[str, Any]) -> dict[str, Any]:
+            last.update(chunk)
+            return shape_chunk(chunk, include_usage)
+
+        def final() -> dict[str, Any] | None:
+            if not include_usage or not last:
+                return None
+            return responses.usage_chunk(last, proxies[0])  # type: ignore[arg-type]
+
+        generator = stream.pumped_events(
+            pump,
+            first,
+            shape,
+            final,
+            _ping_interval(body, server.settings),
+            lambda exc: llama_error(exc, model),
+            functools.partial(_client_gone, request.environ),
+        )
+        return Response(
+            generator,
+            mimetype="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    environ = request.environ
+    try:
+        kind, value = first
+        while kind == "wait":
+            while not value.wait(1.0):
+                if _client_gone(environ):
+                    raise APIError("The client closed the request.", 499)
+            kind, value = pump.step()
+    except Exception as exc:
+        raise llama_error(exc, model) from exc
+    finally:
+        pump.close()
+    return responses.json_response(shape_result(value))
 
 
 def _stream(

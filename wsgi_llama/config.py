@@ -27,7 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "LLAMA_N_THREADS": None,
     "LLAMA_MAX_REQUEST_BYTES": 8 * 1024 * 1024,
     "LLAMA_MAX_TOKENS": None,
-    "LLAMA_QUEUE_SIZE": 64,
+    "LLAMA_PARALLEL": 4,
+    "LLAMA_QUEUE_SIZE": 256,
     "LLAMA_QUEUE_TIMEOUT": 600.0,
     "LLAMA_CORS_ORIGINS": None,
     "LLAMA_PLAYGROUND": True,
@@ -94,6 +95,8 @@ class Settings:
     playground: bool = True
     metrics: bool = True
     metrics_auth: bool = True
+    #: Sequences each model generates at once (1: one request at a time).
+    parallel: int = 1
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -216,6 +219,7 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         playground=_flag(config.get("LLAMA_PLAYGROUND"), "LLAMA_PLAYGROUND"),
         metrics=_flag(config.get("LLAMA_METRICS"), "LLAMA_METRICS"),
         metrics_auth=_flag(config.get("LLAMA_METRICS_AUTH"), "LLAMA_METRICS_AUTH"),
+        parallel=_integer(config.get("LLAMA_PARALLEL"), "LLAMA_PARALLEL", 1),
     )
 
 

@@ -61,12 +61,20 @@ class ModelRegistry:
         """How many mounts use *model*'s loaded copy."""
         return self._users.get(self._key_of(model.path, model.options), 0)
 
-    def get(self, settings: ModelSettings, queue_size: int) -> Model:
+    def get(
+        self,
+        settings: ModelSettings,
+        queue_size: int,
+        parallel: int = 1,
+        queue_timeout: float = 600.0,
+    ) -> Model:
         key = self._key_of(settings.path, settings.options)
         with self._lock:
             model = self._loaded.get(key)
             if model is None:
-                model = self._loaded[key] = Model(settings, queue_size)
+                model = self._loaded[key] = Model(
+                    settings, queue_size, parallel, queue_timeout
+                )
             else:
                 # One queue for the shared context: the longest mount's length.
                 model.queue.limit = max(model.queue.limit, queue_size)
@@ -131,4 +139,13 @@ def setup(state: BlueprintSetupState, config: Mapping[str, Any] | None) -> Serve
         server.metrics = mounts.metrics
         for model in pool.models.values():
             mounts.metrics.watch(model.queue, model.alias)
+    pool = Pool(
+        [
+            mounts.models.get(
+                m, settings.queue_size, settings.parallel, settings.queue_timeout
+            )
+            for m in settings.models
+        ]
+    )
+    server = mounts[registered_name(state)] = Server(settings, pool, mounts.runner)
     return server

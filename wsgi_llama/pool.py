@@ -1,11 +1,14 @@
 """The model pool: loaded models, and the fair queue in front of each.
 
-One llama.cpp context generates for one request at a time; the others wait
-in FIFO order. Nothing interrupts a running request.
+With ``LLAMA_PARALLEL`` above 1, a model's :class:`~.engine.Engine` batches
+requests and is also the queue for those it cannot batch. Otherwise one
+llama.cpp context generates for one request at a time and the others wait in
+a :class:`FairQueue`, in FIFO order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import re
@@ -17,10 +20,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import llama_cpp
+import llama_cpp._internals as internals
 import numpy as np
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from .config import ConfigError, ModelSettings, Settings
+from .engine import Engine, QueueFull
+from .engine import QueueTimeout as QueueTimeout  # re-exported
 from .errors import APIError
 
 
@@ -32,6 +38,33 @@ class Llama(llama_cpp.Llama):
     #: Set (from another thread) to end the running generation at its next token.
     cancelled = False
     _max_tokens: int | None = None
+
+    def __init__(self, *args: Any, n_parallel: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if n_parallel > 1:
+            self._hold_sequences(n_parallel, kwargs.get("swa_full"))
+
+    def _hold_sequences(self, n: int, swa_full: bool | None) -> None:
+        """Replace the context with one that holds *n* sequences for the engine.
+
+        The KV cache is unified, so one long request may still use all of it;
+        a sliding-window cache is kept whole (unless configured otherwise) so
+        that a finished sequence's prefix stays reusable past the window.
+        """
+        params = self.context_params
+        params.n_seq_max = n
+        params.kv_unified = True
+        if swa_full is None:
+            params.swa_full = True
+        old = self._ctx
+        self._ctx = self._stack.enter_context(
+            contextlib.closing(
+                internals.LlamaContext(
+                    model=self._model, params=params, verbose=self.verbose
+                )
+            )
+        )
+        old.close()
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         # Chat handlers call this too: remember the cap for generate().
@@ -124,26 +157,6 @@ def _check_bounds(schema: Any, limit: int, param: str) -> None:
         _check_bounds(value, limit, param)
 
 
-class QueueFull(APIError):
-    def __init__(self, alias: str) -> None:
-        super().__init__(
-            f"The queue for model {alias!r} is full; retry shortly.",
-            503,
-            code="queue_full",
-            headers={"Retry-After": "1"},
-        )
-
-
-class QueueTimeout(APIError):
-    def __init__(self, alias: str, waited: float) -> None:
-        super().__init__(
-            f"Waited {waited:g} s in the queue for model {alias!r}; retry later.",
-            503,
-            code="queue_timeout",
-            headers={"Retry-After": "1"},
-        )
-
-
 class Ticket:
     """A place in a model's queue; :meth:`wait` returns True once it is our turn."""
 
@@ -212,21 +225,41 @@ class FairQueue:
 class Model:
     """A loaded model, its queue and the facts requests are checked against."""
 
-    def __init__(self, settings: ModelSettings, queue_size: int) -> None:
+    def __init__(
+        self,
+        settings: ModelSettings,
+        queue_size: int,
+        parallel: int = 1,
+        queue_timeout: float = 600.0,
+    ) -> None:
         self.alias = settings.alias
         self.path = settings.path
         self.options = settings.options
+        self.embedding = bool(settings.options.get("embedding"))
+        if self.embedding:
+            parallel = 1  # llama-cpp-python embeds with a context of its own making
         try:
-            self.llama = Llama(model_path=str(settings.path), **settings.options)
+            self.llama = Llama(
+                model_path=str(settings.path), n_parallel=parallel, **settings.options
+            )
         except (ValueError, RuntimeError, TypeError) as exc:
             raise ConfigError(
                 settings.key, f"cannot load {str(settings.path)!r}: {exc}"
             ) from None
-        self.queue = FairQueue(queue_size)
+        #: The batching engine (None: one request at a time, in FIFO order).
+        self.engine: Engine | None = None
+        #: Where requests that hold the whole context wait their turn.
+        self.queue: FairQueue | Engine
+        if parallel > 1:
+            self.engine = Engine(
+                self.llama, self.alias, parallel, queue_size, queue_timeout
+            )
+            self.queue = self.engine
+        else:
+            self.queue = FairQueue(queue_size)
         self.created = int(settings.path.stat().st_mtime)
         self.n_ctx = self.llama.n_ctx()
         self.n_vocab = self.llama.n_vocab()
-        self.embedding = bool(settings.options.get("embedding"))
         self.longest_token = self._longest_token()
 
     def _longest_token(self) -> int:
@@ -324,7 +357,12 @@ class Pool:
 
     @classmethod
     def load(cls, settings: Settings) -> Pool:
-        return cls([Model(m, settings.queue_size) for m in settings.models])
+        return cls(
+            [
+                Model(m, settings.queue_size, settings.parallel, settings.queue_timeout)
+                for m in settings.models
+            ]
+        )
 
     def get(self, name: Any) -> Model:
         """The model a request names; with a single model, any name gets it."""
@@ -347,4 +385,6 @@ class Pool:
 
     def close(self) -> None:
         for model in self.models.values():
+            if model.engine is not None:
+                model.engine.close()
             model.llama.close()

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from .batched import Pump
 from .errors import APIError
 from .pool import Model, QueueTimeout
 from .sse import DONE, PING, ClientGone, json_event, pings
@@ -102,3 +103,40 @@ def _generate(job: Job, runner: Runner, interval: float) -> Iterator[bytes]:
         if chunks is not None:
             runner.call(getattr(chunks, "close", lambda: None))
             job.counted()
+
+
+def pumped_events(
+    pump: Pump,
+    first: tuple[str, Any],
+    shape: Callable[[dict[str, Any]], dict[str, Any] | None],
+    final: Callable[[], dict[str, Any] | None],
+    interval: float,
+    to_api_error: Callable[[Exception], APIError],
+    gone: Callable[[], bool] | None = None,
+) -> Iterator[bytes]:
+    """The events of a generation on the engine, with heartbeats while it waits.
+
+    *pump* runs the request's llama-cpp-python code; *first* is what its
+    first step returned (the view took it, to answer 503 while it could).
+    """
+    try:
+        yield b""  # WSGI servers send the headers with the first chunk, even empty
+        kind, value = first
+        while kind != "done":
+            if kind == "wait":
+                yield from pings(value, interval, None, None if interval > 0 else gone)
+            else:
+                shaped = shape(value)
+                if shaped is not None:
+                    yield json_event(shaped)
+            kind, value = pump.step()
+        last = final()
+        if last is not None:
+            yield json_event(last)
+        yield DONE
+    except ClientGone:
+        return
+    except Exception as exc:
+        yield json_event(to_api_error(exc).body())
+    finally:
+        pump.close()

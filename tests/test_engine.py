@@ -1,0 +1,349 @@
+"""Continuous batching on the tiny model with real llama.cpp.
+
+In-process apps (threads, no gevent) check what each sequence gets while
+others run beside it; gunicorn gevent servers check interleaving, heartbeats
+and clients that go away.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import llama_cpp
+import pytest
+from conftest import LiveServer
+from flask import Flask
+from test_streaming import check_framing, frames
+from tinymodel import FIRST_BYTE_ID
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def batched(make_app: Callable[..., Flask]) -> Flask:
+    return make_app(LLAMA_PARALLEL=4, LLAMA_N_CTX=2048)
+
+
+def engine_of(app: Flask) -> Any:
+    (model,) = app.extensions["wsgi_llama"].pool.models.values()
+    return model.engine
+
+
+def post(app: Flask, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = app.test_client().post(path, json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.json  # type: ignore[return-value]
+
+
+def together(*calls: Callable[[], Any]) -> list[Any]:
+    """Run *calls* at once, each in its own thread; their results in order."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], Any]) -> Any:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def text(result: dict[str, Any]) -> str:
+    choice = result["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def byte_token(char: str) -> int:
+    return FIRST_BYTE_ID + ord(char)
+
+
+def busy(app: Flask, n: int = 3, tokens: int = 300) -> list[Callable[[], Any]]:
+    """Calls that keep *n* other sequences generating."""
+    return [
+        lambda i=i: post(
+            app, COMPLETIONS, {"prompt": f"Other {i}", "max_tokens": tokens}
+        )
+        for i in range(n)
+    ]
+
+
+# --- in process ------------------------------------------------------------------
+
+
+def test_greedy_text_alone_and_batched_agree(batched: Flask) -> None:
+    prompts = [f"Prompt number {i} says" for i in range(4)]
+
+    def body(p: str) -> dict[str, Any]:
+        return {"prompt": p, "max_tokens": 40, "temperature": 0}
+
+    alone = [text(post(batched, COMPLETIONS, body(p))) for p in prompts]
+    together_ = together(
+        *[lambda p=p: text(post(batched, COMPLETIONS, body(p))) for p in prompts]
+    )
+    assert together_ == alone
+    assert all(len(t) == 40 for t in alone)
+    assert len(set(alone)) > 1  # different prompts, different texts
+
+
+def test_seeds_reproduce_alone_and_batched(batched: Flask) -> None:
+    body = {"prompt": "Seeded", "max_tokens": 40, "temperature": 1.0, "seed": 7}
+    first = text(post(batched, COMPLETIONS, body))
+    second = text(post(batched, COMPLETIONS, body))
+    beside = together(lambda: text(post(batched, COMPLETIONS, body)), *busy(batched))
+    other = text(post(batched, COMPLETIONS, {**body, "seed": 8}))
+    assert first == second == beside[0]
+    assert other != first
+
+
+def test_each_sequence_keeps_its_own_settings(batched: Flask) -> None:
+    stop = {"prompt": "Stop", "max_tokens": 200, "temperature": 0}
+    unstopped = text(post(batched, COMPLETIONS, stop))
+    cut = unstopped[10:12]
+    grammar = 'root ::= [abc]+ "." '
+    only_x = {str(t): -100 for t in range(FIRST_BYTE_ID, FIRST_BYTE_ID + 256)}
+    only_x[str(byte_token("x"))] = 0
+    results = together(
+        lambda: post(batched, COMPLETIONS, {**stop, "stop": [cut]}),
+        lambda: post(
+            batched,
+            COMPLETIONS,
+            {"prompt": "G", "max_tokens": 50, "grammar": grammar},
+        ),
+        lambda: post(
+            batched,
+            COMPLETIONS,
+            {"prompt": "B", "max_tokens": 20, "logit_bias": only_x},
+        ),
+        lambda: post(
+            batched, COMPLETIONS, {"prompt": "L", "max_tokens": 12, "logprobs": 3}
+        ),
+        lambda: post(
+            batched,
+            CHAT,
+            {
+                "messages": [{"role": "user", "content": "json please"}],
+                "max_tokens": 60,
+                "response_format": {
+                    "type": "json_object",
+                    "schema": {
+                        "type": "object",
+                        "properties": {"a": {"type": "integer"}},
+                        "required": ["a"],
+                    },
+                },
+            },
+        ),
+        *busy(batched, 2),
+    )
+    stopped, grammared, biased, logprobs, schema = results[:5]
+    assert text(stopped) == unstopped[: unstopped.index(cut)]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert re.fullmatch(r"[abc]+\.?", text(grammared)), text(grammared)
+    assert text(biased) == "x" * 20
+    lp = logprobs["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 12
+    assert "".join(lp["tokens"]) == text(logprobs)
+    assert all(len(top) >= 3 for top in lp["top_logprobs"])
+    assert all(v <= 0 for v in lp["token_logprobs"])
+    if schema["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(text(schema))["a"], int)
+    else:  # cut by max_tokens: still the schema's beginning
+        assert re.match(r'\{\s*"a"\s*:\s*-?\d', text(schema)), text(schema)
+
+
+def test_streamed_and_whole_agree_with_usage(batched: Flask) -> None:
+    body = {"prompt": "Usage", "max_tokens": 25, "temperature": 0}
+    whole = post(batched, COMPLETIONS, body)
+    response = batched.test_client().post(
+        COMPLETIONS,
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    events, _ = check_framing(frames(response.get_data()))
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == text(
+        whole
+    )
+    assert events[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] == 25
+
+
+def test_max_tokens_cap_holds_on_the_engine(make_app: Callable[..., Flask]) -> None:
+    app = make_app(LLAMA_PARALLEL=2, LLAMA_MAX_TOKENS=7)
+    result = post(app, COMPLETIONS, {"prompt": "Cap", "max_tokens": 100})
+    assert result["usage"]["completion_tokens"] == 7
+    chat = post(app, CHAT, {"messages": [{"role": "user", "content": "Cap"}]})
+    assert chat["usage"]["completion_tokens"] == 7
+
+
+def test_dropped_stream_frees_its_sequence(batched: Flask) -> None:
+    engine = engine_of(batched)
+    response = batched.test_client().post(
+        COMPLETIONS,
+        json={"prompt": "Drop me", "max_tokens": 1500, "stream": True},
+        buffered=False,
+    )
+    chunks = iter(response.response)
+    while b"data: {" not in next(chunks):
+        pass
+    (sequence,) = engine._active
+    slot = sequence._slot
+    response.close()  # the client went away
+    deadline = time.monotonic() + 10
+    while engine._active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine._active
+    assert sequence.cancelled and sequence.done
+    assert sequence.completion_tokens < 1500
+    memory = llama_cpp.llama_get_memory(engine._ctx)
+    assert llama_cpp.llama_memory_seq_pos_max(memory, slot.id) == -1
+    assert slot.tokens == [] and slot.owner is None
+
+
+def test_next_chat_turn_reuses_the_cached_prefix(batched: Flask) -> None:
+    engine = engine_of(batched)
+    messages = [{"role": "user", "content": "Tell me something long. " * 20}]
+    first = post(batched, CHAT, {"messages": messages, "max_tokens": 20})
+    reused = engine.stats["reused"]
+    messages += [
+        first["choices"][0]["message"],
+        {"role": "user", "content": "And then?"},
+    ]
+    post(batched, CHAT, {"messages": messages, "max_tokens": 5})
+    # The whole first turn was in a slot's cache: prompt and answer.
+    assert engine.stats["reused"] - reused >= first["usage"]["prompt_tokens"]
+
+
+def test_request_past_the_engine_takes_the_one_at_a_time_path(batched: Flask) -> None:
+    engine = engine_of(batched)
+    before = engine.stats["exclusive"]
+    echo = {"prompt": "Echo this", "max_tokens": 5, "echo": True, "temperature": 0}
+    results = together(lambda: post(batched, COMPLETIONS, echo), *busy(batched))
+    assert text(results[0]).startswith("Echo this")
+    assert results[0]["usage"]["completion_tokens"] == 5
+    assert all(r["usage"]["completion_tokens"] == 300 for r in results[1:])
+    assert engine.stats["exclusive"] == before + 1
+    # The engine serves again afterwards, from a clean cache.
+    again = post(batched, COMPLETIONS, {"prompt": "After", "max_tokens": 5})
+    assert again["usage"]["completion_tokens"] == 5
+
+
+def test_full_queue_is_a_503(make_app: Callable[..., Flask]) -> None:
+    app = make_app(LLAMA_PARALLEL=2, LLAMA_QUEUE_SIZE=0)
+    holders = [
+        threading.Thread(
+            target=post,
+            args=(app, COMPLETIONS, {"prompt": "Hold", "max_tokens": 900}),
+        )
+        for _ in range(2)
+    ]
+    for holder in holders:
+        holder.start()
+    engine = engine_of(app)
+    deadline = time.monotonic() + 10
+    while len(engine._active) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    response = app.test_client().post(
+        COMPLETIONS, json={"prompt": "No room", "max_tokens": 5}
+    )
+    for holder in holders:
+        holder.join()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json["error"]["code"] == "queue_full"
+
+
+# --- through gunicorn's gevent worker -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(start_server: Callable[..., LiveServer]) -> LiveServer:
+    return start_server(
+        LLAMA_PARALLEL="4", LLAMA_PING_INTERVAL="0.2", LLAMA_MIN_PING_INTERVAL="0.05"
+    )
+
+
+def timed_stream(
+    live: LiveServer, body: dict[str, Any], path: str = COMPLETIONS
+) -> list[tuple[float, bytes]]:
+    """The frames of a stream, each with the time it arrived."""
+    got: list[tuple[float, bytes]] = []
+    with httpx.stream(
+        "POST", live.url + path, json={**body, "stream": True}, timeout=120
+    ) as response:
+        assert response.status_code == 200, response.read()
+        buffer = b""
+        for chunk in response.iter_raw():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                frame, buffer = buffer.split(b"\n\n", 1)
+                got.append((time.monotonic(), frame))
+    return got
+
+
+def test_concurrent_streams_interleave_and_complete(live: LiveServer) -> None:
+    def one(i: int) -> list[tuple[float, bytes]]:
+        path = CHAT if i % 2 else COMPLETIONS
+        body: dict[str, Any] = {"max_tokens": 600, "seed": i}
+        if path == CHAT:
+            body["messages"] = [{"role": "user", "content": f"Stream {i}"}]
+        else:
+            body["prompt"] = f"Stream {i}"
+        return timed_stream(live, body, path)
+
+    results = together(*[lambda i=i: one(i) for i in range(4)])
+    spans = []
+    for got in results:
+        events, _ = check_framing([frame for _, frame in got])
+        assert len({e["id"] for e in events}) == 1  # no other stream's data
+        content = "".join(
+            c["text"] if "text" in c else c["delta"].get("content") or ""
+            for e in events
+            for c in e["choices"]
+        )
+        assert len(content) == 600
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        data = [t for t, frame in got if frame.startswith(b"data: {")]
+        spans.append((data[0], data[-1]))
+    # Interleaved: every stream had begun before any of them ended.
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+
+
+def test_heartbeats_keep_time_while_eight_streams_run(live: LiveServer) -> None:
+    # Four of the eight wait for a sequence (4 run at once) and get heartbeats.
+    def one(i: int) -> list[tuple[float, bytes]]:
+        return timed_stream(live, {"prompt": f"Eight {i}", "max_tokens": 600})
+
+    results = together(*[lambda i=i: one(i) for i in range(8)])
+    gaps = []
+    for got in results:
+        check_framing([frame for _, frame in got])
+        pings = [t for t, frame in got if frame == b": ping"]
+        gaps += [b - a for a, b in itertools.pairwise(pings)]
+    assert len(gaps) >= 4, "no stream waited: nothing was measured"
+    gaps.sort()
+    # Frames read late arrive together (short gaps): the median and the 90th
+    # percentile say whether the server kept its 0.2 s.
+    median, p90 = gaps[len(gaps) // 2], gaps[len(gaps) * 9 // 10]
+    assert 0.15 < median < 0.3 and p90 < 0.7, gaps
+
+
+def test_dropped_streams_leave_room_for_others(live: LiveServer) -> None:
+    from test_streaming import abandon
+
+    for _ in range(6):  # more than the 4 sequences
+        abandon(live, 3500)
+    started = time.monotonic()
+    response = httpx.post(
+        live.url + COMPLETIONS, json={"prompt": "Next", "max_tokens": 10}, timeout=60
+    )
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 10
+    # Six streams of 3500 tokens would take many seconds if they ran on.
+    assert time.monotonic() - started < 5.0

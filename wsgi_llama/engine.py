@@ -1,0 +1,716 @@
+"""Continuous batching: one llama.cpp context, several sequences, one loop.
+
+Per model, one native thread runs the loop: admit waiting requests into free
+sequence slots (reusing the cached prefix a slot already holds), build one
+``llama_batch`` with the next token of every generating sequence plus bounded
+prompt chunks of newcomers, decode, sample each sequence with its own sampler
+chain, and hand each its text. Requests wait on their :class:`Sequence` without
+polling: the loop wakes each in the thread it waits in (the gevent hub's, via
+``run_callback_threadsafe``, or a plain thread's).
+
+A request the engine cannot batch takes the whole context for itself through
+:meth:`Engine.enter` (the same ticket as :class:`~.pool.FairQueue`'s), in FIFO
+order with the sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from gevent import monkey
+
+from ._sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
+from .errors import APIError
+from .threads import gevent_patched
+
+log = logging.getLogger("wsgi_llama.engine")
+
+# OS threads and locks even when gevent has patched _thread: the loop must not
+# be a greenlet, and its locks must block OS threads, not greenlets.
+_start_thread = monkey.get_original("_thread", "start_new_thread")
+_native_lock = monkey.get_original("_thread", "allocate_lock")
+
+#: Prompt tokens per step while other sequences generate: their next token
+#: waits for the chunk, so it stays short.
+PREFILL_CHUNK = 128
+#: Steps with at least this many tokens may be cut short for a departed client.
+ABORTABLE = 64
+
+
+class QueueFull(APIError):
+    def __init__(self, alias: str) -> None:
+        super().__init__(
+            f"The queue for model {alias!r} is full; retry shortly.",
+            503,
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+
+
+class QueueTimeout(APIError):
+    def __init__(self, alias: str, waited: float) -> None:
+        super().__init__(
+            f"Waited {waited:g} s in the queue for model {alias!r}; retry later.",
+            503,
+            code="queue_timeout",
+            headers={"Retry-After": "1"},
+        )
+
+
+class _Waiter:
+    """Something a request waits on and the loop's thread completes.
+
+    Under gevent an Event may only be set in its hub's thread, so the loop
+    asks the hub to set it (``run_callback_threadsafe`` wakes the hub's loop);
+    otherwise a :class:`threading.Event` is set directly.
+    """
+
+    def __init__(self) -> None:
+        if gevent_patched():
+            import gevent
+            from gevent.event import Event
+
+            self._event: Any = Event()
+            self._loop: Any = gevent.get_hub().loop
+        else:
+            import threading
+
+            self._event = threading.Event()
+            self._loop = None
+        self.enqueued = time.monotonic()
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to *timeout* seconds; return whether :meth:`ready`."""
+        if self.ready():
+            return True
+        self._event.clear()
+        if self.ready():
+            return True
+        self._event.wait(timeout)
+        return self.ready()
+
+    def _wake(self) -> None:
+        """Called from the loop's thread."""
+        if self._loop is None:
+            self._event.set()
+        else:
+            self._loop.run_callback_threadsafe(self._event.set)
+
+
+@dataclass
+class Token:
+    """What one step hands a sequence: released text, and logprobs if asked."""
+
+    text: str
+    logprob: float | None = None
+    top: dict[str, float] | None = None
+
+
+@dataclass
+class Request:
+    """A generation as the engine takes it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    #: llama-cpp-python stopping criteria, called with the tokens so far.
+    criteria: Callable[[Any, Any], bool] | None = None
+
+
+class Sequence(_Waiter):
+    """One request's generation: its handle for the request, its state for the loop."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        super().__init__()
+        self.engine = engine
+        self.request = request
+        self.prompt_tokens = len(request.prompt)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.done = False
+        self.cancelled = False
+        self.first_token_at: float | None = None
+        self._out: deque[Token] = deque()
+        # The loop's own state.
+        self._slot: _Slot | None = None
+        self._n_past = 0  # tokens of this sequence in the KV cache
+        self._pending: int | None = None  # sampled, not yet decoded
+        self._generated: list[int] = []
+        self._sampler: Sampler | None = None
+        self._detok: Detokenizer | None = None
+        self._stops = StopMatcher(request.stop)
+
+    def ready(self) -> bool:
+        return bool(self._out) or self.done
+
+    def take(self) -> list[Token]:
+        """The tokens handed out since the last call (never blocks)."""
+        out = []
+        while self._out:
+            out.append(self._out.popleft())
+        return out
+
+    def cancel(self) -> None:
+        """The client went away: free the sequence at the loop's next step."""
+        if not self.done and not self.cancelled:
+            self.cancelled = True
+            self.engine._cancelled(self)
+
+    # --- the loop's side -------------------------------------------------------
+
+    def _push(self, token: Token) -> None:
+        self._out.append(token)
+        self._wake()
+
+    def _end(self, reason: str | None, error: Exception | None = None) -> None:
+        if self.done:
+            return
+        self.finish_reason = reason
+        self.error = error
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
+        self.done = True
+        self._wake()
+
+
+class _Gate(_Waiter):
+    """A ticket for a request that needs the whole context (not batched)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.granted = False
+        self._left = False
+
+    def ready(self) -> bool:
+        return self.granted
+
+    def leave(self) -> None:
+        """Give up the place, or the context if it was ours. Idempotent."""
+        if not self._left:
+            self._left = True
+            self.engine._leave(self)
+
+
+class _Slot:
+    """A sequence id in the context and the tokens its KV cells hold."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.id = seq_id
+        self.tokens: list[int] = []
+        self.owner: Sequence | None = None
+        self.used = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _TokenView(SequenceABC):  # type: ignore[type-arg]
+    """Prompt and generated tokens as one sequence, for stopping criteria."""
+
+    def __init__(self, prompt: list[int], generated: list[int]) -> None:
+        self._a, self._b = prompt, generated
+
+    def __len__(self) -> int:
+        return len(self._a) + len(self._b)
+
+    def __getitem__(self, i: Any) -> Any:
+        return (self._a + self._b)[i] if isinstance(i, slice) else self._item(i)
+
+    def _item(self, i: int) -> int:
+        n = len(self)
+        i = i + n if i < 0 else i
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return self._a[i] if i < len(self._a) else self._b[i - len(self._a)]
+
+
+class _Batch:
+    """A llama_batch over numpy arrays the engine owns (never llama_batch_free'd)."""
+
+    def __init__(self, capacity: int, n_seq: int) -> None:
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.n_seq_id = np.ones(capacity, np.int32)
+        self.logits = np.zeros(capacity, np.int8)
+        self._ids = np.arange(n_seq, dtype=np.int32)
+        self.seq_ptr = np.zeros(capacity, np.uintp)
+        self.n = 0
+        self.capacity = capacity
+
+    def add(self, tokens: list[int], pos: int, seq_id: int, output_last: bool) -> int:
+        """Append *tokens* of one sequence; return the row of the last one."""
+        a, b = self.n, self.n + len(tokens)
+        self.token[a:b] = tokens
+        self.pos[a:b] = np.arange(pos, pos + len(tokens), dtype=np.int32)
+        self.seq_ptr[a:b] = self._ids.ctypes.data + 4 * seq_id
+        self.logits[a:b] = 0
+        if output_last:
+            self.logits[b - 1] = 1
+        self.n = b
+        return b - 1
+
+    def struct(self) -> llama_cpp.llama_batch:
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        return llama_cpp.llama_batch(
+            n_tokens=self.n,
+            token=self.token.ctypes.data_as(i32),
+            embd=None,
+            pos=self.pos.ctypes.data_as(i32),
+            n_seq_id=self.n_seq_id.ctypes.data_as(i32),
+            seq_id=ctypes.cast(self.seq_ptr.ctypes.data, ctypes.POINTER(i32)),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+
+def _abort_callback() -> Any:
+    """An abort callback that reads a flag byte without calling into Python.
+
+    llama.cpp calls it between graph nodes; a Python callback would take the
+    GIL hundreds of times per step. libc's ``strlen`` on a two-byte buffer
+    returns 1 when the first byte is set, 0 otherwise: exactly ``bool(flag)``.
+    """
+    libc = ctypes.CDLL(None)
+    return llama_cpp.ggml_abort_callback(
+        ctypes.cast(libc.strlen, ctypes.c_void_p).value
+    )
+
+
+class Engine:
+    """The loop and its sequences for one model's context."""
+
+    def __init__(
+        self,
+        llama: llama_cpp.Llama,
+        alias: str,
+        n_parallel: int,
+        queue_size: int,
+        queue_timeout: float,
+    ) -> None:
+        self.llama = llama
+        self.alias = alias
+        self.n_parallel = n_parallel
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.n_ctx = llama.n_ctx()
+        self.n_batch = llama.n_batch
+        self._ctx = llama._ctx.ctx
+        self._vocab = llama._model.vocab
+        self._n_swa = max(1, llama_cpp.llama_model_n_swa(llama._model.model))
+        self._lock = _native_lock()
+        self._wakeup = _native_lock()
+        self._wakeup.acquire()  # held: nothing to do; released: look again
+        self._waiting: deque[Sequence | _Gate] = deque()
+        self._active: list[Sequence] = []
+        self._slots = [_Slot(i) for i in range(n_parallel)]
+        self._gate: _Gate | None = None
+        self._batch = _Batch(self.n_batch, n_parallel)
+        self._in_flight: list[Sequence] = []
+        self._flag = ctypes.create_string_buffer(2)
+        self._callback = _abort_callback()
+        self._pid: int | None = None
+        self._closed = False
+        self._stopped = _native_lock()
+        #: Counters for logs and metrics.
+        self.stats = {"batched": 0, "exclusive": 0, "aborted_steps": 0, "reused": 0}
+
+    # --- the requests' side ----------------------------------------------------
+
+    def check_room(self, alias: str | None = None) -> None:
+        """Raise :class:`QueueFull` if a request arriving now would be turned away."""
+        with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        free = self.n_parallel - len(self._active)
+        if self._gate is not None or any(isinstance(w, _Gate) for w in self._waiting):
+            free = 0  # the whole context is, or will be, taken
+        if len(self._waiting) >= self.queue_size + max(0, free):
+            raise QueueFull(self.alias)
+
+    def submit(self, request: Request) -> Sequence:
+        """Queue a generation; its :class:`Sequence` fills as the loop runs."""
+        sequence = Sequence(self, request)
+        with self._lock:
+            self._check_room()
+            self._waiting.append(sequence)
+            self.stats["batched"] += 1
+        self._start()
+        self._poke()
+        return sequence
+
+    def enter(self, alias: str | None = None) -> _Gate:
+        """A ticket for the whole context: :meth:`_Gate.wait`, then ``leave()``."""
+        gate = _Gate(self)
+        with self._lock:
+            self._check_room()
+            self._waiting.append(gate)
+            self.stats["exclusive"] += 1
+        self._start()
+        self._poke()
+        return gate
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def limit(self) -> int:
+        """The queue's length, as :class:`~.pool.FairQueue` calls it."""
+        return self.queue_size
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        self.queue_size = value
+
+    def _leave(self, gate: _Gate) -> None:
+        with self._lock:
+            if gate in self._waiting:
+                self._waiting.remove(gate)
+        self._poke()
+
+    def _cancelled(self, sequence: Sequence) -> None:
+        if sequence in self._in_flight and self._batch.n >= ABORTABLE:
+            self._flag[0] = b"\x01"  # llama.cpp stops the step at its next node
+        self._poke()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already awake
+            self._wakeup.release()
+
+    def _start(self) -> None:
+        """Start the loop in this process (after a fork too), once."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            self._stopped = _native_lock()
+            self._stopped.acquire()
+            llama_cpp.llama_set_abort_callback(
+                self._ctx, self._callback, ctypes.addressof(self._flag)
+            )
+            _start_thread(self._run, ())
+
+    def close(self) -> None:
+        """Stop the loop (it finishes the step it is in)."""
+        self._closed = True
+        self._poke()
+        if self._pid == os.getpid():
+            self._stopped.acquire()
+            self._stopped.release()
+
+    # --- the loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    busy = self._admit()
+                    if busy:
+                        self._step()
+                    else:
+                        self._wakeup.acquire(timeout=1.0)
+                except Exception:
+                    log.exception("engine step failed")
+                    self._fail_all(APIError("The model failed; try again.", 500))
+        finally:
+            self._stopped.release()
+
+    def _admit(self) -> bool:
+        """Start waiting requests that fit; return whether a step should run."""
+        starting: list[tuple[Sequence, _Slot]] = []
+        now = time.monotonic()
+        with self._lock:
+            if self._gate is not None:
+                if self._gate._left:
+                    self._gate = None
+                    self._clear_memory()
+                else:
+                    return False
+            for item in list(self._waiting):
+                if isinstance(item, Sequence) and (
+                    item.cancelled or now - item.enqueued > self.queue_timeout
+                ):
+                    self._waiting.remove(item)
+                    if not item.cancelled:
+                        item._end(None, QueueTimeout(self.alias, self.queue_timeout))
+                    else:
+                        item._end(None)
+            while self._waiting:
+                head = self._waiting[0]
+                if isinstance(head, _Gate):
+                    if self._active or starting:
+                        break
+                    self._waiting.popleft()
+                    self._gate = head
+                    self._clear_memory()
+                    self.llama.reset()
+                    head.granted = True
+                    head._wake()
+                    return False
+                slot = self._free_slot(head.request.prompt)
+                if slot is None:
+                    break
+                self._waiting.popleft()
+                slot.owner = head
+                starting.append((head, slot))
+        for sequence, slot in starting:
+            self._begin(sequence, slot)
+        return bool(self._active)
+
+    def _free_slot(self, prompt: list[int]) -> _Slot | None:
+        free = [slot for slot in self._slots if slot.owner is None]
+        if not free:
+            return None
+        return max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.used))
+
+    def _clear_memory(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        for slot in self._slots:
+            slot.tokens = []
+
+    def _begin(self, sequence: Sequence, slot: _Slot) -> None:
+        """Set up a sequence in its slot, keeping the prefix the slot already holds."""
+        request = sequence.request
+        prompt = request.prompt
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        if keep > 0:
+            pos_min = llama_cpp.llama_memory_seq_pos_min(memory, slot.id)
+            # A sliding-window cache may have dropped cells the prefix needs.
+            if pos_min < 0 or pos_min > max(0, keep - self._n_swa):
+                keep = 0
+        if keep < len(slot.tokens):
+            if not llama_cpp.llama_memory_seq_rm(memory, slot.id, keep, -1):
+                llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
+                keep = 0
+            slot.tokens = slot.tokens[:keep]
+        self.stats["reused"] += keep
+        self._make_room(len(prompt) - keep, slot)
+        slot.used = time.monotonic()
+        sequence._slot = slot
+        sequence._n_past = keep
+        try:
+            sequence._sampler = Sampler(self.llama, request.params)
+            sequence._detok = Detokenizer(self.llama, prompt[-4:])
+        except Exception as exc:
+            slot.owner = None
+            sequence._end(None, APIError(f"Cannot sample: {exc}"))
+            return
+        self._active.append(sequence)
+
+    def _make_room(self, needed: int, keep: _Slot | None = None) -> None:
+        """Drop idle slots' cached prefixes, oldest first, until *needed* cells fit."""
+        used = sum(len(slot.tokens) for slot in self._slots) + sum(
+            1 for s in self._active if s._pending is not None
+        )
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        for slot in sorted(self._slots, key=lambda s: s.used):
+            if used + needed <= self.n_ctx:
+                return
+            if slot.owner is None and slot is not keep and slot.tokens:
+                used -= len(slot.tokens)
+                llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
+                slot.tokens = []
+
+    def _step(self) -> None:
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        for sequence in [s for s in self._active if s.cancelled]:
+            self._retire(sequence, None, drop=True)
+        if not self._active:
+            return
+        batch = self._batch
+        batch.n = 0
+        rows: list[tuple[Sequence, int]] = []
+        chunks: list[tuple[Sequence, list[int]]] = []
+        generating = [s for s in self._active if s._pending is not None]
+        for sequence in generating:
+            token = [sequence._pending]
+            row = batch.add(token, sequence._n_past, sequence._slot.id, True)
+            rows.append((sequence, row))
+            chunks.append((sequence, token))
+        budget = batch.capacity - batch.n
+        if generating:
+            budget = min(budget, PREFILL_CHUNK)
+        for sequence in self._active:
+            if sequence._pending is not None or budget <= 0:
+                continue
+            prompt = sequence.request.prompt
+            tokens = prompt[sequence._n_past : sequence._n_past + budget]
+            last = sequence._n_past + len(tokens) == len(prompt)
+            row = batch.add(tokens, sequence._n_past, sequence._slot.id, last)
+            if last:
+                rows.append((sequence, row))
+            chunks.append((sequence, tokens))
+            budget -= len(tokens)
+
+        self._in_flight = [s for s, _ in chunks]
+        self._flag[0] = b"\x00"
+        status = llama_cpp.llama_decode(self._ctx, batch.struct())
+        self._in_flight = []
+        if status != 0:
+            for sequence, _ in chunks:  # llama.cpp keeps none of a failed batch
+                llama_cpp.llama_memory_seq_rm(
+                    memory, sequence._slot.id, sequence._n_past, -1
+                )
+            self._failed(status, chunks)
+            return
+        for sequence, tokens in chunks:
+            sequence._n_past += len(tokens)
+            sequence._slot.tokens.extend(tokens)
+            if sequence._pending is not None:
+                sequence._generated.append(sequence._pending)
+                sequence._pending = None
+        for sequence, row in rows:
+            if sequence.cancelled:
+                continue
+            try:
+                self._sample(sequence, row)
+            except Exception as exc:
+                log.exception("sampling failed")
+                self._retire(
+                    sequence, None, error=APIError(f"Sampling failed: {exc}", 500)
+                )
+
+    def _failed(self, status: int, chunks: list[tuple[Sequence, list[int]]]) -> None:
+        if status == 2:  # aborted for a client that left: the rest try again
+            self.stats["aborted_steps"] += 1
+            return
+        if status == 1:  # no room in the KV cache
+            before = sum(len(slot.tokens) for slot in self._slots)
+            self._make_room(self.n_ctx + 1)
+            if sum(len(slot.tokens) for slot in self._slots) < before:
+                return  # idle prefixes dropped: try again
+            victim = max((s for s, _ in chunks), key=lambda s: s.enqueued)
+            if victim._pending is not None:
+                self._retire(victim, "length")
+            else:
+                self._retire(
+                    victim,
+                    None,
+                    error=APIError(
+                        f"The model's context of {self.n_ctx} tokens is full; "
+                        "retry shortly or shorten the prompt.",
+                        503,
+                        code="context_full",
+                        headers={"Retry-After": "1"},
+                    ),
+                    drop=True,
+                )
+            return
+        error = APIError(f"llama_decode failed with status {status}.", 500)
+        for sequence, _ in chunks:
+            self._retire(sequence, None, error=error, drop=True)
+
+    def _sample(self, sequence: Sequence, row: int) -> None:
+        request = sequence.request
+        sampler = sequence._sampler
+        assert sampler is not None and sequence._detok is not None
+        token = sampler.sample(self._ctx, row)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.monotonic()
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._retire(sequence, "stop")
+            return
+        sequence.completion_tokens += 1
+        logprob = top = None
+        if request.params.logprobs is not None:
+            found = sampler.logprobs(self._ctx, row, token)
+            if found is not None:
+                logprob, ids = found
+                top = {self._piece(i): lp for i, lp in ids.items()}
+                top[self._piece(token)] = logprob
+        text, stopped = sequence._stops.feed(sequence._detok.feed(token))
+        if text or logprob is not None:
+            sequence._push(Token(text, logprob, top))
+        if stopped:
+            sequence._generated.append(token)
+            self._retire(sequence, "stop", flush=False)
+            return
+        sequence._pending = token
+        criteria = request.criteria
+        if criteria is not None and criteria(
+            _TokenView(request.prompt, [*sequence._generated, token]), None
+        ):
+            self._retire(sequence, "stop")
+        elif (
+            request.max_tokens is not None
+            and sequence.completion_tokens >= request.max_tokens
+        ) or sequence._n_past + 1 >= self.n_ctx:
+            self._retire(sequence, "length")
+
+    def _piece(self, token: int) -> str:
+        assert self.llama is not None
+        return self.llama.detokenize([token]).decode("utf-8", errors="ignore")
+
+    def _retire(
+        self,
+        sequence: Sequence,
+        reason: str | None,
+        error: Exception | None = None,
+        drop: bool = False,
+        flush: bool = True,
+    ) -> None:
+        """End a sequence; its KV cells stay as a cached prefix unless *drop*."""
+        if flush and error is None and sequence._detok is not None:
+            text, stopped = sequence._stops.feed(sequence._detok.flush())
+            if not stopped:
+                text += sequence._stops.flush()
+            if text:
+                sequence._push(Token(text))
+        if sequence in self._active:
+            self._active.remove(sequence)
+        slot = sequence._slot
+        if slot is not None:
+            if drop:
+                memory = llama_cpp.llama_get_memory(self._ctx)
+                llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
+                slot.tokens = []
+            slot.used = time.monotonic()
+            slot.owner = None
+        sequence._end(reason, error)
+
+    def _fail_all(self, error: Exception) -> None:
+        for sequence in list(self._active):
+            self._retire(sequence, None, error=error, drop=True)
+        self._clear_memory()
+
+
+def tokens_of(sequence: Sequence, wait: Callable[[Sequence], None]) -> Iterator[Token]:
+    """The sequence's tokens as they come; *wait* blocks (or yields) until more."""
+    try:
+        while True:
+            tokens = sequence.take()
+            if tokens:
+                yield from tokens
+                continue
+            if sequence.done:
+                break
+            wait(sequence)
+        if sequence.error is not None:
+            raise sequence.error
+    finally:
+        sequence.cancel()
