@@ -33,6 +33,7 @@ from gevent import monkey
 from ._sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
 from .errors import APIError
 from .threads import gevent_patched
+from .tuning import ThreadTuner
 
 log = logging.getLogger("wsgi_llama.engine")
 
@@ -330,6 +331,8 @@ class Engine:
         self._in_flight: list[Sequence] = []
         self._flag = ctypes.create_string_buffer(2)
         self._callback = _abort_callback()
+        self._tuner = ThreadTuner(llama.context_params.n_threads)
+        self._n_threads = 0
         self._pid: int | None = None
         self._closed = False
         self._stopped = _native_lock()
@@ -567,9 +570,16 @@ class Engine:
             chunks.append((sequence, tokens))
             budget -= len(tokens)
 
+        threads = self._tuner.threads()
+        if threads != self._n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
+            self._n_threads = threads
         self._in_flight = [s for s, _ in chunks]
         self._flag[0] = b"\x00"
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch.struct())
+        if status == 0 and len(chunks) == len(generating):
+            self._tuner.record(batch.n, time.perf_counter() - started)
         self._in_flight = []
         if status != 0:
             for sequence, _ in chunks:  # llama.cpp keeps none of a failed batch
