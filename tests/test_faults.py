@@ -494,8 +494,16 @@ def failing(
     """A 512-token KV cache that llama-cpp-python takes for 4096 tokens."""
     config = tmp_path_factory.mktemp("gunicorn-conf") / "overstate.py"
     config.write_text(OVERSTATE_CONTEXT)
+    # One request at a time: the lie is told to llama-cpp-python, whose
+    # generation loop only the one-at-a-time path uses (the engine reads the
+    # context's size from llama.cpp).
     return start_server(
-        "-c", str(config), LLAMA_N_CTX="512", **FAST_PINGS, **ONE_THREAD
+        "-c",
+        str(config),
+        LLAMA_N_CTX="512",
+        LLAMA_PARALLEL="1",
+        **FAST_PINGS,
+        **ONE_THREAD,
     )
 
 
@@ -553,43 +561,55 @@ def test_llama_failure_without_streaming_is_a_500(
     assert reference(failing) == before
 
 
-@pytest.fixture(scope="module")
-def small(start_server: Start) -> LiveServer:
-    """A 512-token context, told the truth."""
-    return start_server(LLAMA_N_CTX="512", **FAST_PINGS, **ONE_THREAD)
+@pytest.fixture(scope="module", params=["1", "4"], ids=["one", "batched"])
+def small(
+    start_server: Start, request: pytest.FixtureRequest
+) -> tuple[LiveServer, bool]:
+    """A 512-token context, told the truth; one request at a time or batched."""
+    live = start_server(
+        LLAMA_N_CTX="512", LLAMA_PARALLEL=request.param, **FAST_PINGS, **ONE_THREAD
+    )
+    return live, request.param != "1"
 
 
 def test_prompt_that_llama_cpp_finds_too_long_is_an_error_event(
-    small: LiveServer,
+    small: tuple[LiveServer, bool],
 ) -> None:
     """The templated prompt overflows the context though its content does not.
 
     The view's check counts the messages' content only; llama-cpp-python
-    raises once the chat template has been applied, inside the iterator, on
-    the stream's first step: the same error path, and no hook needed.
+    raises once the chat template has been applied. One request at a time,
+    that is inside the iterator, on the stream's first step: the same error
+    path, and no hook needed. On the engine, the template is applied before
+    the response begins, and the stream is refused with a 400 status.
     """
-    before = reference(small)
+    live, batched = small
+    before = reference(live)
     body = {
         "messages": [{"role": "user", "content": "a" * 500}],  # 500 of 512 tokens
         "max_tokens": 5,
     }
     with httpx.stream(
         "POST",
-        small.url + "/v1/chat/completions",
+        live.url + "/v1/chat/completions",
         json={**body, "stream": True},
         timeout=60,
     ) as response:
-        assert response.status_code == 200
         raw = response.read()
-    events = [f for f in raw[:-2].split(b"\n\n") if f != b": ping"]
-    assert len(events) == 1, events
-    error = json.loads(events[0].removeprefix(b"data: "))
+        if batched:
+            assert response.status_code == 400
+            error = json.loads(raw)
+        else:
+            assert response.status_code == 200
+            events = [f for f in raw[:-2].split(b"\n\n") if f != b": ping"]
+            assert len(events) == 1, events
+            error = json.loads(events[0].removeprefix(b"data: "))
     validate(error, "ErrorResponse")
     assert error["error"]["code"] == "context_length_exceeded"
-    response = post(small, "/v1/chat/completions", body)
+    response = post(live, "/v1/chat/completions", body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "context_length_exceeded"
-    assert reference(small) == before
+    assert reference(live) == before
 
 
 def test_max_tokens_cap_bounds_every_generation(start_server: Start) -> None:

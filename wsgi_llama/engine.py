@@ -435,24 +435,26 @@ class Engine:
                     if busy:
                         self._step()
                     else:
-                        self._wakeup.acquire(timeout=1.0)
+                        self._wakeup.acquire(timeout=self._idle_timeout())
                 except Exception:
                     log.exception("engine step failed")
                     self._fail_all(APIError("The model failed; try again.", 500))
         finally:
             self._stopped.release()
 
+    def _idle_timeout(self) -> float:
+        """How long the idle loop may sleep: until the first queue deadline."""
+        waiting = [w for w in list(self._waiting) if isinstance(w, Sequence)]
+        if not waiting:
+            return 1.0
+        first = min(w.enqueued for w in waiting) + self.queue_timeout
+        return min(1.0, max(0.01, first - time.monotonic()))
+
     def _admit(self) -> bool:
         """Start waiting requests that fit; return whether a step should run."""
         starting: list[tuple[Sequence, _Slot]] = []
         now = time.monotonic()
         with self._lock:
-            if self._gate is not None:
-                if self._gate._left:
-                    self._gate = None
-                    self._clear_memory()
-                else:
-                    return False
             for item in list(self._waiting):
                 if isinstance(item, Sequence) and (
                     item.cancelled or now - item.enqueued > self.queue_timeout
@@ -462,6 +464,12 @@ class Engine:
                         item._end(None, QueueTimeout(self.alias, self.queue_timeout))
                     else:
                         item._end(None)
+            if self._gate is not None:
+                if self._gate._left:
+                    self._gate = None
+                    self._clear_memory()
+                else:
+                    return False
             while self._waiting:
                 head = self._waiting[0]
                 if isinstance(head, _Gate):
