@@ -318,7 +318,7 @@ def test_concurrent_streams_interleave_and_complete(live: LiveServer) -> None:
 def test_heartbeats_keep_time_while_eight_streams_run(live: LiveServer) -> None:
     # Four of the eight wait for a sequence (4 run at once) and get heartbeats.
     def one(i: int) -> list[tuple[float, bytes]]:
-        return timed_stream(live, {"prompt": f"Eight {i}", "max_tokens": 600})
+        return timed_stream(live, {"prompt": f"Eight {i}", "max_tokens": 2000})
 
     results = together(*[lambda i=i: one(i) for i in range(8)])
     gaps = []

@@ -21,7 +21,7 @@ from typing import Any
 
 import greenlet
 
-from ._sampling import SamplingParams
+from .sampling import SamplingParams
 from .engine import Request, Sequence, Token, tokens_of
 
 

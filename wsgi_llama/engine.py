@@ -30,7 +30,7 @@ import llama_cpp
 import numpy as np
 from gevent import monkey
 
-from ._sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
+from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
 from .errors import APIError
 from .threads import gevent_patched
 from .tuning import ThreadTuner
