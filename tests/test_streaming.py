@@ -156,7 +156,8 @@ def queued_behind_holder(
     holder = send(
         server.port,
         "/v1/completions",
-        {"prompt": "hold", "max_tokens": 100_000, "stream": True, **hold},
+        # A suffix: not batched, it holds the whole model (see hold_model).
+        {"prompt": "hold", "max_tokens": 100_000, "stream": True, "suffix": "", **hold},
     )
     holder.settimeout(120)
     seen = b""

@@ -21,8 +21,8 @@ from typing import Any
 
 import greenlet
 
-from .sampling import SamplingParams
 from .engine import Request, Sequence, Token, tokens_of
+from .sampling import SamplingParams
 
 
 class Unbatchable(Exception):

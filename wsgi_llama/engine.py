@@ -30,8 +30,8 @@ import llama_cpp
 import numpy as np
 from gevent import monkey
 
-from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
 from .errors import APIError
+from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
 from .threads import gevent_patched
 from .tuning import ThreadTuner
 
@@ -218,6 +218,11 @@ class _Slot:
         self.tokens: list[int] = []
         self.owner: Sequence | None = None
         self.used = 0.0
+
+
+def _partial(detok: Detokenizer) -> bool:
+    """Whether *detok* holds the first bytes of a character."""
+    return bool(detok._decoder.getstate()[0])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -479,6 +484,11 @@ class Engine:
                     self._gate = head
                     self._clear_memory()
                     self.llama.reset()
+                    # It runs with the thread count the loop found best.
+                    best = self._tuner.best
+                    if best != self._n_threads:
+                        llama_cpp.llama_set_n_threads(self._ctx, best, best)
+                        self._n_threads = best
                     head.granted = True
                     head._wake()
                     return False
@@ -674,10 +684,15 @@ class Engine:
             _TokenView(request.prompt, [*sequence._generated, token]), None
         ):
             self._retire(sequence, "stop")
-        elif (
+        elif sequence._n_past + 1 >= self.n_ctx or (
             request.max_tokens is not None
             and sequence.completion_tokens >= request.max_tokens
-        ) or sequence._n_past + 1 >= self.n_ctx:
+            # As llama-cpp-python, finish a character begun (3 tokens at most).
+            and not (
+                _partial(sequence._detok)
+                and sequence.completion_tokens < request.max_tokens + 3
+            )
+        ):
             self._retire(sequence, "length")
 
     def _piece(self, token: int) -> str:
