@@ -120,7 +120,9 @@ def pumped_events(
     first step returned (the view took it, to answer 503 while it could).
     """
     try:
-        yield b""  # WSGI servers send the headers with the first chunk, even empty
+        # As in events(): with heartbeats on, the first chunk is one, so that
+        # mod_wsgi and Passenger (which drop empty chunks) send the headers.
+        yield PING if interval > 0 else b""
         kind, value = first
         while kind != "done":
             if kind == "wait":
