@@ -650,10 +650,16 @@ def _batched(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     environ = request.environ
+    look = time.monotonic() + 1.0
     try:
         kind, value = first
         while kind == "wait":
-            while not value.wait(1.0):
+            # Once a second, tokens or not, see whether the client is still there.
+            while not value.wait(max(0.0, look - time.monotonic())):
+                if time.monotonic() >= look:
+                    break
+            if time.monotonic() >= look:
+                look = time.monotonic() + 1.0
                 if _client_gone(environ):
                     raise APIError("The client closed the request.", 499)
             kind, value = pump.step()
