@@ -101,8 +101,13 @@ def parse(result: dict[str, Any]) -> tuple[set[str], str, list[dict[str, Any]]]:
 def test_fifty_concurrent_streams_arrive_whole_and_apart(
     start_server: Any,
 ) -> None:
+    # One request at a time, so that most of the fifty wait their turn with
+    # heartbeats (tests/test_engine.py has streams batched).
     live: LiveServer = start_server(
-        LLAMA_PING_INTERVAL="0.2", LLAMA_MIN_PING_INTERVAL="0.05", LLAMA_N_THREADS="1"
+        LLAMA_PING_INTERVAL="0.2",
+        LLAMA_MIN_PING_INTERVAL="0.05",
+        LLAMA_N_THREADS="1",
+        LLAMA_PARALLEL="1",
     )
     (pid,) = children(live.process.pid)
     barrier = threading.Barrier(CLIENTS)
