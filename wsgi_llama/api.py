@@ -635,17 +635,27 @@ def _batched(
                 return None
             return responses.usage_chunk(last, proxies[0])  # type: ignore[arg-type]
 
-        generator = stream.pumped_events(
-            pump,
-            first,
-            shape,
-            final,
-            _ping_interval(body, server.settings),
-            lambda exc: llama_error(exc, model),
-            functools.partial(_client_gone, request.environ),
+        def counted() -> None:
+            for llama in proxies:
+                server.metrics.tokens(
+                    model.alias, llama.prompt_tokens, llama.completion_tokens
+                )
+
+        generator = server.shutdown.watch(
+            stream.pumped_events(
+                pump,
+                first,
+                shape,
+                final,
+                _ping_interval(body, server.settings),
+                lambda exc: llama_error(exc, model),
+                functools.partial(_client_gone, request.environ),
+                counted,
+            ),
+            request.environ,
         )
         return Response(
-            generator,
+            server.metrics.stream(generator, model.alias),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -667,6 +677,10 @@ def _batched(
         raise llama_error(exc, model) from exc
     finally:
         pump.close()
+    usage = value.get("usage") or {}
+    server.metrics.tokens(
+        model.alias, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    )
     return responses.json_response(shape_result(value))
 
 

@@ -384,6 +384,11 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def running(self) -> int:
+        """Sequences generating now (for metrics)."""
+        return len(self._active) + (self._gate is not None)
+
+    @property
     def limit(self) -> int:
         """The queue's length, as :class:`~.pool.FairQueue` calls it."""
         return self.queue_size

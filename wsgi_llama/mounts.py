@@ -129,7 +129,14 @@ def setup(state: BlueprintSetupState, config: Mapping[str, Any] | None) -> Serve
     if mounts is None:
         mounts = app.extensions[EXTENSION] = Mounts()
     settings = load_settings(mount_config(app.config, config))
-    pool = Pool([mounts.models.get(m, settings.queue_size) for m in settings.models])
+    pool = Pool(
+        [
+            mounts.models.get(
+                m, settings.queue_size, settings.parallel, settings.queue_timeout
+            )
+            for m in settings.models
+        ]
+    )
     server = mounts[registered_name(state)] = Server(
         settings, pool, mounts.runner, mounts.shutdown
     )
@@ -139,13 +146,4 @@ def setup(state: BlueprintSetupState, config: Mapping[str, Any] | None) -> Serve
         server.metrics = mounts.metrics
         for model in pool.models.values():
             mounts.metrics.watch(model.queue, model.alias)
-    pool = Pool(
-        [
-            mounts.models.get(
-                m, settings.queue_size, settings.parallel, settings.queue_timeout
-            )
-            for m in settings.models
-        ]
-    )
-    server = mounts[registered_name(state)] = Server(settings, pool, mounts.runner)
     return server

@@ -113,11 +113,13 @@ def pumped_events(
     interval: float,
     to_api_error: Callable[[Exception], APIError],
     gone: Callable[[], bool] | None = None,
+    counted: Callable[[], None] = lambda: None,
 ) -> Iterator[bytes]:
     """The events of a generation on the engine, with heartbeats while it waits.
 
     *pump* runs the request's llama-cpp-python code; *first* is what its
     first step returned (the view took it, to answer 503 while it could).
+    *counted* is called once the generation has ended, however it ended.
     """
     try:
         # As in events(): with heartbeats on, the first chunk is one, so that
@@ -142,3 +144,4 @@ def pumped_events(
         yield json_event(to_api_error(exc).body())
     finally:
         pump.close()
+        counted()
