@@ -363,7 +363,8 @@ class Holder:
         self.pings = 0
         self.generating = threading.Event()
         self.dropped = threading.Event()
-        body = {"prompt": "hold", "max_tokens": tokens, "stream": True}
+        # A suffix keeps it off the batching engine: it holds the whole model.
+        body = {"prompt": "hold", "max_tokens": tokens, "stream": True, "suffix": ""}
         self.thread = threading.Thread(target=self._run, args=(live, body))
         self.thread.start()
         assert self.generating.wait(60)
