@@ -374,7 +374,7 @@ def logit_bias(value: Any) -> bool:
 
 
 def grammar(value: Any) -> bool:
-    """GBNF with a root rule; the battery's only strings are "x" and ""."""
+    """GBNF with a root rule (the battery's one string, "x", is not)."""
     return isinstance(value, str) and value.startswith("root ::=")
 
 
