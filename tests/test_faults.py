@@ -247,31 +247,40 @@ def test_running_non_streaming_request_stops_when_its_client_leaves(
     the next request is answered against how long the first one takes.
     """
     pid = worker(live)
-    body: dict[str, Any] = {"max_tokens": 8000}
-    if path == "/v1/completions":
-        body["prompt"] = "Whole"
-    else:
-        body["messages"] = [{"role": "user", "content": "Whole"}]
-    started = time.monotonic()
-    response = post(live, path, body)
-    generating = time.monotonic() - started
-    assert response.status_code == 200, response.text
-    assert response.json()["usage"]["completion_tokens"] == 8000
-    assert generating > 2, f"too fast to show anything: {generating:.1f} s"
 
-    sock = send(live.port, path, body)
-    busy = cpu_over(pid, 1)  # generating: up to a core, on a busy machine less
+    def request(tokens: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"max_tokens": tokens}
+        if path == "/v1/completions":
+            body["prompt"] = "Whole"
+        else:
+            body["messages"] = [{"role": "user", "content": "Whole"}]
+        return body
+
+    # Enough tokens to take over 6 s here (2.7 s pass below before the next
+    # request): generation slows as it goes, so grow the count step by step.
+    tokens, generating = 1000, 0.0
+    while generating < 6 and tokens < 8000:
+        tokens = min(8000, tokens * 3 // 2) if generating else tokens
+        started = time.monotonic()
+        response = post(live, path, request(tokens))
+        generating = time.monotonic() - started
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == tokens
+    assert generating > 6, f"too fast to show anything: {generating:.1f} s"
+
+    sent = time.monotonic()
+    sock = send(live.port, path, request(tokens))
+    busy = cpu_over(pid, 0.7)  # generating: up to a core; less on a busy machine
     drop(sock)
-    dropped = time.monotonic()
-    time.sleep(1.5)  # the server looks once a second, then the token ends
-    idle = cpu_over(pid, 1)
-    print(f"{generating=:.2f} s; CPU s in 1 s: {busy=:.2f} {idle=:.2f}")
-    took = timed(live, {"prompt": "next", "max_tokens": 10}) + time.monotonic()
-    took -= dropped
-    assert busy > 0.1, f"the request was not running: {busy:.2f} CPU s"
+    time.sleep(1.3)  # the server looks once a second, then the token ends
+    idle = cpu_over(pid, 0.7)
+    timed(live, {"prompt": "next", "max_tokens": 10})
+    answered = time.monotonic() - sent
+    print(f"{tokens=} {generating=:.2f} s {answered=:.2f} s; {busy=:.2f} {idle=:.2f}")
+    assert busy > 0.03, f"the request was not running: {busy:.2f} CPU s"
     assert idle < busy / 4, (idle, busy)
-    # Had it run on, the next request would have waited ~generating s.
-    assert took < generating / 2, (took, generating)
+    # Had it run on, the next request would have waited for it to end.
+    assert answered < generating / 2, (answered, generating)
 
 
 def test_disconnect_during_prompt_processing_stops_the_work(live: LiveServer) -> None:

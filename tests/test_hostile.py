@@ -148,6 +148,8 @@ def check(case: Case, reply: Reply) -> None:
         return
     if reply.content_type.startswith("text/event-stream"):
         check_stream(case, reply, context)
+    elif reply.content_type.startswith("text/html"):  # the playground
+        assert case.path == "/" and reply.body.startswith(b"<!doctype html>"), context
     else:
         check_answer(case, reply.json(), context)
 
@@ -1264,8 +1266,9 @@ def get_cases() -> Iterator[Any]:
         ("unicode", "/v1/models/%F0%9F%98%80"),
     ]:
         yield pytest.param(Case(path, method="GET", status=404), id=f"model-{name}")
+    # The chat playground (LLAMA_PLAYGROUND, on by default).
+    yield pytest.param(Case("/", method="GET", status=200), id="route-root")
     for name, path in [
-        ("root", "/"),
         ("v1", "/v1"),
         ("nope", "/v1/nope"),
         ("completions-slash", "/v1/completions/"),
