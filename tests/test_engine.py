@@ -233,6 +233,24 @@ def test_request_past_the_engine_takes_the_one_at_a_time_path(batched: Flask) ->
     assert again["usage"]["completion_tokens"] == 5
 
 
+def test_prompts_that_do_not_fit_together_wait_their_turn(
+    make_app: Callable[..., Flask],
+) -> None:
+    # Four prompts of ~400 tokens in a 1024-token cache: two at a time fit.
+    app = make_app(LLAMA_PARALLEL=4, LLAMA_N_CTX=1024)
+    calls = [
+        lambda i=i: post(
+            app,
+            COMPLETIONS,
+            {"prompt": f"{i} " + "abcd " * 80, "max_tokens": 20},
+        )
+        for i in range(4)
+    ]
+    results = together(*calls)
+    assert all(r["usage"]["completion_tokens"] == 20 for r in results)
+    assert all(r["usage"]["prompt_tokens"] > 380 for r in results)
+
+
 def test_full_queue_is_a_503(make_app: Callable[..., Flask]) -> None:
     app = make_app(LLAMA_PARALLEL=2, LLAMA_QUEUE_SIZE=0)
     holders = [

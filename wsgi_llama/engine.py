@@ -498,7 +498,7 @@ class Engine:
                     head._wake()
                     return False
                 slot = self._free_slot(head.request.prompt)
-                if slot is None:
+                if slot is None or not self._fits(head.request, slot, starting):
                     break
                 self._waiting.popleft()
                 slot.owner = head
@@ -506,6 +506,29 @@ class Engine:
         for sequence, slot in starting:
             self._begin(sequence, slot)
         return bool(self._active)
+
+    def _fits(
+        self, request: Request, slot: _Slot, starting: list[tuple[Sequence, _Slot]]
+    ) -> bool:
+        """Whether *request*'s prompt, and room to generate, fit beside the others.
+
+        The KV cache is shared: sequences that begin together must not fill
+        it halfway through their prompts. Idle slots' cached prefixes count as
+        free (they are dropped when the room is needed). With nothing else
+        running, a request always starts: it may have the whole context.
+        """
+        if not self._active and not starting:
+            return True
+        busy = [s._slot for s in self._active] + [s for _, s in starting]
+        used = sum(len(s.tokens) for s in busy if s is not None)
+        used += sum(
+            len(s.request.prompt) - s._n_past + min(s.request.max_tokens or 64, 64)
+            for s in self._active
+        )
+        used += sum(len(s.request.prompt) + 64 for s, _ in starting)
+        keep = _common_prefix(slot.tokens, request.prompt)
+        need = len(request.prompt) - keep + min(request.max_tokens or 64, 64)
+        return used + need <= self.n_ctx
 
     def _free_slot(self, prompt: list[int]) -> _Slot | None:
         free = [slot for slot in self._slots if slot.owner is None]
