@@ -431,13 +431,12 @@ def measure_server(
         try:
             stream(client, server.url, prompts.short(), 8)  # warm-up: weights paged in
             for rep in range(plan.reps):
-                reps.append(
-                    measure_rep(server, client, direct, prompts, plan, log, rep)
-                )
+                reps.append({})  # filled as it goes: an interrupted rep keeps its part
+                measure_rep(server, client, direct, prompts, plan, log, rep, reps[-1])
         except (Exception, KeyboardInterrupt, SystemExit) as exc:
             # Keep the reps done; on an error go on, when interrupted stop.
-            log(f"{server.name} stopped after {len(reps)} rep(s): {exc!r}")
-            result["error"] = f"after {len(reps)} rep(s): {exc!r}"
+            log(f"{server.name} stopped in rep {len(reps)}: {exc!r}")
+            result["error"] = f"in rep {len(reps)}: {exc!r}"
             result["interrupted"] = not isinstance(exc, Exception)
     result["rss"] = vm_hwm(server.pid)
     return result
@@ -451,10 +450,10 @@ def measure_rep(
     plan: Plan,
     log: Callable[[str], None],
     rep: int,
-) -> dict[str, Any]:
+    figures: dict[str, Any],
+) -> None:
     url = server.url
     name = f"{server.name} rep {rep + 1}"
-    figures: dict[str, Any] = {}
 
     text = prompts.short()
     paired = direct.call(op="stream", prompt=text, max_tokens=plan.stream_tokens)
@@ -518,7 +517,6 @@ def measure_rep(
             f"{name}: heartbeat gaps p50 {_ms(figures['ping_p50'])} ms, p99 "
             f"{_ms(figures['ping_p99'])} ms over {figures['pings']} pings"
         )
-    return figures
 
 
 def chat(
@@ -706,7 +704,7 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "200 short requests at once",
             "200 served, wall <= llama.cpp's (s)",
             f"{_f(served, 0)} served; {value}",
-            met if all_served else False,
+            None if served is None else (met if all_served else False),
         )
     )
     value, met = vs_ref("tok_s_over_direct", 0.95, "high")
