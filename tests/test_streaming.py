@@ -201,8 +201,9 @@ def test_queued_stream_gets_heartbeats_then_events(server: LiveServer) -> None:
     first_event = next(t for t, f in timed if f.startswith(b"data: {"))
     assert first_event > released
     assert len([t for t, f in timed if f == b": ping" and t < released]) >= 5
-    # None once the fast tiny model produces tokens.
-    assert pings == list(range(len(pings)))
+    # They came first. (A ping between tokens is right too, when a busy
+    # machine makes a token take longer than the interval.)
+    assert pings[:5] == list(range(5)), pings
     assert "".join(e["choices"][0]["text"] for e in events).__len__() == 30
 
 
