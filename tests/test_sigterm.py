@@ -120,30 +120,42 @@ def test_short_stream_finishes_after_sigterm(tmp_path: Path, tiny_model: Path) -
         server.stop()
 
 
+@pytest.mark.parametrize("path", ["engine", "whole-model"])
 def test_long_stream_ends_with_an_error_event_before_the_kill(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, path: str
 ) -> None:
+    """On the batching engine, and on the path that holds the whole model.
+
+    Beside the long stream, a second one: with the engine it runs beside the
+    first; behind a whole-model request it waits in the queue, heartbeats off.
+    """
     graceful = 3.0
     server = start(tmp_path, tiny_model, "--graceful-timeout", str(int(graceful)))
     try:
-        # Runs to the end of the 8192-token context: far longer than 3 s.
-        sock = open_stream(server, {"prompt": "Hi", "max_tokens": 8000})
+        # Runs to the end of the 8192-token context: far longer than 3 s. A
+        # suffix keeps a request off the engine: it holds the whole model.
+        first: dict[str, Any] = {"prompt": "Hi", "max_tokens": 8000}
+        if path == "whole-model":
+            first["suffix"] = ""
+        sock = open_stream(server, first)
         received = read_until(sock, b"data: {")
-        # And one waiting in the queue behind it, heartbeats off.
-        queued = open_stream(server, {"prompt": "Q", "sse_ping_interval": 0})
-        queued_head = read_until(queued, b"\r\n\r\n")
+        second = open_stream(
+            server, {"prompt": "Q", "max_tokens": 8000, "sse_ping_interval": 0}
+        )
+        second_head = read_until(second, b"\r\n\r\n")
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         raw = read_to_close(sock, received)
         closed = time.monotonic() - signalled
-        for got in (raw, read_to_close(queued, queued_head)):
+        for got in (raw, read_to_close(second, second_head)):
             body, complete = unchunk(got)
             frames = events(body)
             assert complete, (closed, frames[-2:])
             error = json.loads(frames[-1][len(b"data: ") :])
             validate(error, "ErrorResponse")
             assert error["error"]["code"] == "server_shutting_down"
-        assert len(frames) == 1  # the queued one: nothing but the error
+        if path == "whole-model":
+            assert len(frames) == 1  # the queued one: nothing but the error
         assert server.process.wait(30) == 0
         log = server.log.read_text()
         # The worker exited by itself, before gunicorn's kill.
