@@ -122,7 +122,9 @@ def hold(
 ) -> tuple[threading.Thread, list[Stream]]:
     """A long stream in a thread; returns once its first token has arrived.
 
-    Its client leaves (freeing the model) once *release* is set.
+    Its client leaves (freeing the model) once *release* is set. A ``suffix``
+    keeps it off the batching engine: it holds the whole model, so others
+    wait behind it whatever LLAMA_PARALLEL is.
     """
     started = threading.Event()
     result: list[Stream] = []
@@ -135,7 +137,11 @@ def hold(
     def run() -> None:
         try:
             result.append(
-                stream(url, {"prompt": "hold", "max_tokens": tokens}, stop=first_token)
+                stream(
+                    url,
+                    {"prompt": "hold", "max_tokens": tokens, "suffix": ""},
+                    stop=first_token,
+                )
             )
         finally:
             started.set()

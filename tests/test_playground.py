@@ -446,12 +446,16 @@ def test_text_streams_in_before_the_end_and_stop_frees_the_model(
 
 @contextlib.contextmanager
 def model_held(server: LiveServer) -> Iterator[None]:
-    """Keep *server*'s model generating a long stream until the block ends."""
+    """Keep *server*'s model generating a long stream until the block ends.
+
+    A ``suffix`` keeps it off the batching engine: it holds the whole model,
+    so the page's request queues behind it whatever LLAMA_PARALLEL is.
+    """
     occupied = threading.Event()
     release = threading.Event()
 
     def hold() -> None:
-        body = {"prompt": "Hold", "max_tokens": 16000, "stream": True}
+        body = {"prompt": "Hold", "max_tokens": 16000, "stream": True, "suffix": ""}
         with (
             httpx.Client(timeout=120) as client,
             client.stream("POST", server.url + "/v1/completions", json=body) as r,
