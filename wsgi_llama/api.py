@@ -654,11 +654,15 @@ def _batched(
             ),
             request.environ,
         )
-        return Response(
+        response = Response(
             server.metrics.stream(generator, model.alias),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        # A server may close the response without iterating it (the client
+        # left first): no ``finally`` of the generator runs then.
+        response.call_on_close(pump.close)
+        return response
     environ = request.environ
     look = time.monotonic() + 1.0
     try:
