@@ -237,7 +237,7 @@ def cpu_over(pid: int, seconds: float) -> float:
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_running_non_streaming_request_stops_when_its_client_leaves(
-    live: LiveServer, path: str
+    start_server: Start, path: str
 ) -> None:
     """A whole-response request that is generating stops once its client goes.
 
@@ -246,6 +246,8 @@ def test_running_non_streaming_request_stops_when_its_client_leaves(
     time while the request runs and after its client has left, and how soon
     the next request is answered against how long the first one takes.
     """
+    # A context long enough for a generation of over 6 s on a fast machine.
+    live = start_server(LLAMA_N_CTX="32768", **FAST_PINGS, **ONE_THREAD)
     pid = worker(live)
 
     def request(tokens: int) -> dict[str, Any]:
@@ -259,8 +261,8 @@ def test_running_non_streaming_request_stops_when_its_client_leaves(
     # Enough tokens to take over 6 s here (2.7 s pass below before the next
     # request): generation slows as it goes, so grow the count step by step.
     tokens, generating = 1000, 0.0
-    while generating < 6 and tokens < 8000:
-        tokens = min(8000, tokens * 3 // 2) if generating else tokens
+    while generating < 6 and tokens < 30000:
+        tokens = min(30000, tokens * 3 // 2) if generating else tokens
         started = time.monotonic()
         response = post(live, path, request(tokens))
         generating = time.monotonic() - started
