@@ -91,6 +91,10 @@ TEST_GROUPS = """\
     WSGIDaemonProcess short user=www-data group=www-data threads=1 \\
         python-home={venv} request-timeout=1 shutdown-timeout=1
     WSGIScriptAlias /short {app}/wsgi_llama.wsgi process-group=short
+    <Location /short>
+        # Room for a generation far longer than the timeout on a fast machine.
+        SetEnv LLAMA_N_CTX 32768
+    </Location>
 
     # An API key, which reaches the app only with WSGIPassAuthorization.
     WSGIDaemonProcess keyed user=www-data group=www-data threads=2 \\
@@ -285,7 +289,7 @@ def test_request_timeout_is_what_cuts_a_long_stream(apache: Apache) -> None:
     # Seconds of streaming, however fast the machine: the short group's
     # request-timeout (1 s) fires within a second or two, then its
     # shutdown-timeout (1 s) ends the daemon.
-    body = {"prompt": "long", "max_tokens": 4000}
+    body = {"prompt": "long", "max_tokens": 30000}
     with ThreadPoolExecutor(2) as pool:
         cut = pool.submit(stream, apache.url(1) + "/short", body)
         # Longer than the short group's cut, however fast the machine.
