@@ -9,7 +9,6 @@ enough to cut a stream, and a host Flask app with two mounts.
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hosts.client import Stream, check_openai_error, post, stream, timed
+from hosts.client import check_openai_error, hold, post, stream, timed
 from hosts.fixtures import app_venv, public, public_model  # noqa: F401
 from hosts.packages import need
 from hosts.servers import (
@@ -161,37 +160,6 @@ def apache(
         server.stop()
 
 
-def hold(
-    url: str, tokens: int = LONG, path: str = "/v1/completions"
-) -> tuple[threading.Thread, list[Stream]]:
-    """A long stream in a thread; returns once its first token has arrived."""
-    started = threading.Event()
-    result: list[Stream] = []
-
-    def run() -> None:
-        def first_token(s: Stream) -> bool:
-            if s.events:
-                started.set()
-            return False
-
-        try:
-            result.append(
-                stream(
-                    url,
-                    {"prompt": "hold", "max_tokens": tokens},
-                    path=path,
-                    stop=first_token,
-                )
-            )
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(60)
-    return thread, result
-
-
 # --- the deploy file's daemon group ------------------------------------------
 
 
@@ -206,7 +174,7 @@ def test_settings_come_from_setenv_over_the_env_file(apache: Apache) -> None:
 def test_stream_heartbeat_goes_out_at_once_and_tokens_as_produced(
     apache: Apache,
 ) -> None:
-    holder, held = hold(apache.url())
+    holder, held = hold(apache.url(), LONG)
     queued = stream(apache.url(), {"prompt": "queued", "max_tokens": 50})
     holder.join(120)
     (first,) = held

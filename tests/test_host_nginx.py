@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, LiveServer
-from hosts.client import Stream, post, stream, timed
+from hosts.client import Stream, hold, post, stream, timed
 from hosts.packages import need
 from hosts.servers import DEPLOY, Nginx, deploy_file, free_port, public_dir
 from live_server import gunicorn_command  # conftest puts benchmarks/ on the path
@@ -117,41 +117,6 @@ def nginx(
             server.stop()
 
 
-def hold(
-    url: str, tokens: int = 1000, release: threading.Event | None = None
-) -> tuple[threading.Thread, list[Stream]]:
-    """A long stream in a thread; returns once its first token has arrived.
-
-    Its client leaves (freeing the model) once *release* is set. A ``suffix``
-    keeps it off the batching engine: it holds the whole model, so others
-    wait behind it whatever LLAMA_PARALLEL is.
-    """
-    started = threading.Event()
-    result: list[Stream] = []
-
-    def first_token(got: Stream) -> bool:
-        if got.events:
-            started.set()
-        return release is not None and release.is_set()
-
-    def run() -> None:
-        try:
-            result.append(
-                stream(
-                    url,
-                    {"prompt": "hold", "max_tokens": tokens, "suffix": ""},
-                    stop=first_token,
-                )
-            )
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(60)
-    return thread, result
-
-
 def model_of(got: Stream) -> str:
     return got.events[0][1]["model"]
 
@@ -182,7 +147,7 @@ def test_settings_from_the_environment_and_both_backends_serve(
 
 
 def test_two_concurrent_streams_go_to_two_backends(nginx: Nginx) -> None:
-    holder, held = hold(nginx.url())
+    holder, held = hold(nginx.url(), suffix="")
     other = stream(nginx.url(), {"prompt": "other", "max_tokens": 100})
     holder.join(120)
     (first,) = held
@@ -230,7 +195,7 @@ def test_heartbeats_keep_a_waiting_stream_past_the_read_timeout(
     # stream with heartbeats survives, one without them is cut.
     release = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        holder, _ = hold(backends[0].url, 4000, release)
+        holder, _ = hold(backends[0].url, 4000, release, suffix="")
         kept = pool.submit(stream, nginx.url(2), {"prompt": "a", "max_tokens": 5})
         silent = pool.submit(
             stream,

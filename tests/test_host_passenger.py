@@ -9,14 +9,13 @@ request at a time, so concurrency means processes (model copies).
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from hosts.client import Stream, check_openai_error, post, stream, timed
+from hosts.client import check_openai_error, hold, post, stream, timed
 from hosts.fixtures import app_venv, public, public_model  # noqa: F401
 from hosts.packages import need
 from hosts.servers import DEPLOY, Apache, deploy_file, free_port, publish, write_public
@@ -142,29 +141,6 @@ def test_heartbeat_goes_out_at_once_then_tokens_as_produced(
         f"Passenger, heartbeats off: headers after {quiet.headers_at:.3f} s, "
         f"first token {quiet.events[0][0]:.3f} s"
     )
-
-
-def hold(url: str, tokens: int = 1000) -> tuple[threading.Thread, list[Stream]]:
-    started = threading.Event()
-    result: list[Stream] = []
-
-    def first_token(got: Stream) -> bool:
-        if got.events:
-            started.set()
-        return False
-
-    def run() -> None:
-        try:
-            result.append(
-                stream(url, {"prompt": "hold", "max_tokens": tokens}, stop=first_token)
-            )
-        finally:
-            started.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(120)
-    return thread, result
 
 
 def test_two_concurrent_requests_both_complete(passenger: Apache) -> None:

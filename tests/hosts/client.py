@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,3 +127,37 @@ def check_openai_error(
     assert error["param"] == param, error
     if param is not None:
         assert param in error["message"], error
+
+
+def hold(
+    url: str,
+    tokens: int = 1000,
+    release: threading.Event | None = None,
+    path: str = "/v1/completions",
+    **extra: Any,
+) -> tuple[threading.Thread, list[Stream]]:
+    """A long stream in a thread; returns once its first token has arrived.
+
+    Its client leaves (freeing its room) once *release* is set. *extra* goes
+    into the body: ``suffix=""`` keeps it off the batching engine, so it holds
+    the whole model and others wait behind it whatever LLAMA_PARALLEL is.
+    """
+    started = threading.Event()
+    result: list[Stream] = []
+
+    def first_token(got: Stream) -> bool:
+        if got.events:
+            started.set()
+        return release is not None and release.is_set()
+
+    def run() -> None:
+        body = {"prompt": "hold", "max_tokens": tokens, **extra}
+        try:
+            result.append(stream(url, body, path=path, stop=first_token))
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(120)
+    return thread, result
