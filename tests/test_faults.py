@@ -8,9 +8,11 @@ with SIGKILL, and the queue's limits.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -323,16 +325,23 @@ def test_disconnect_mid_stream_frees_the_model(
 # README.rst: +3.5 MB over 500 disconnects (benchmarks/disconnects.py --count
 # 500). A leak of 40 kB a disconnect (20 MB over 500) fails the test below.
 LEAK_KB = 40
+SEGMENT = 50
 
 
 def test_disconnects_leave_no_threads_memory_or_sockets(start_server: Start) -> None:
-    """The bounded CI version of benchmarks/disconnects.py (500 disconnects)."""
+    """The bounded CI version of benchmarks/disconnects.py (500 disconnects).
+
+    RSS may take one step of a few MB at any point (seen: +5.3 MB once, between
+    50 and 100, then flat for 300 more) as pages first touched stay resident; a
+    leak grows it in every segment. So the median segment is what must stay
+    under a leak's growth, and the whole under a generous bound.
+    """
     fresh = start_server(LLAMA_N_CTX="4096", **FAST_PINGS, **ONE_THREAD)
     pid = worker(fresh)
     disconnector = disconnects.Disconnector(fresh.port, prompt_tokens=2000)
     disconnector.run(30)  # warm-up: thread pool, allocator arenas, caches
     disconnector.done.clear()
-    rows = disconnects.measure(disconnector, pid, 100, 50)
+    rows = disconnects.measure(disconnector, pid, 4 * SEGMENT, SEGMENT)
     table = disconnects.table(rows)
     print(table)
     assert set(disconnector.done) == {
@@ -343,9 +352,11 @@ def test_disconnects_leave_no_threads_memory_or_sockets(start_server: Start) -> 
         "mid_request",
         "non_stream",
     }
+    growth = [b.rss_mb - a.rss_mb for (_, a), (_, b) in itertools.pairwise(rows)]
+    # A leak of LEAK_KB a disconnect grows every segment by 2 MB.
+    assert statistics.median(growth) < SEGMENT * LEAK_KB / 1024, table
     first, last = rows[0][1], rows[-1][1]
-    # A leak of LEAK_KB a disconnect fails here (+1.2 MB seen for the 100).
-    assert last.rss_mb - first.rss_mb < 100 * LEAK_KB / 1024, table
+    assert last.rss_mb - first.rss_mb < 16, table
     assert last.threads <= first.threads + 3, table
     assert last.fds <= first.fds, table
     assert timed(fresh, {"prompt": "after", "max_tokens": 20}) < 5
