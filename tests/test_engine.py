@@ -366,33 +366,3 @@ def test_dropped_streams_leave_room_for_others(live: LiveServer) -> None:
     assert response.json()["usage"]["completion_tokens"] == 10
     # Six streams of 3500 tokens would take many seconds if they ran on.
     assert time.monotonic() - started < 5.0
-
-
-# --- the thread count ---------------------------------------------------------------
-
-
-def test_thread_tuner_moves_to_the_faster_count_and_stays() -> None:
-    """Fed step times as a busy machine gives them: fewer threads win."""
-    from wsgi_llama import tuning
-
-    tuner = tuning.ThreadTuner(2)
-    seconds = {2: 0.5, 1: 0.02}  # 2 threads: a descheduled one stalls each step
-
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            tuner.record(4, seconds[tuner.threads()])
-
-    assert tuner.threads() == 2
-    run(4)  # a window at 2 threads
-    time.sleep(tuning.FIRST_PROBE)
-    run(4)  # the next window ends with a probe begun
-    assert tuner.threads() == 1
-    run(tuning.WINDOW_STEPS * 20)
-    assert tuner.best == 1
-    # A quiet machine again: 2 threads are faster, found at a later probe.
-    seconds = {2: 0.01, 1: 0.02}
-    deadline = time.monotonic() + 10
-    while tuner.best != 2 and time.monotonic() < deadline:
-        run(tuning.WINDOW_STEPS)
-        time.sleep(0.05)
-    assert tuner.best == 2

@@ -445,6 +445,7 @@ class Engine:
                     if busy:
                         self._step()
                     else:
+                        self._tuner.pause()
                         self._wakeup.acquire(timeout=self._idle_timeout())
                 except Exception:
                     log.exception("engine step failed")
@@ -622,10 +623,12 @@ class Engine:
             self._n_threads = threads
         self._in_flight = [s for s, _ in chunks]
         self._flag[0] = b"\x00"
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         status = llama_cpp.llama_decode(self._ctx, batch.struct())
         if status == 0 and len(chunks) == len(generating):
-            self._tuner.record(batch.n, time.perf_counter() - started)
+            self._tuner.record(
+                batch.n, time.perf_counter() - started, time.process_time() - cpu
+            )
         self._in_flight = []
         if status != 0:
             for sequence, _ in chunks:  # llama.cpp keeps none of a failed batch

@@ -1,0 +1,129 @@
+"""The thread tuner, fed the step times and CPU shares machines give it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from wsgi_llama import tuning
+
+
+class Machine:
+    """Step times per thread count, the CPU share threads get, idle cores."""
+
+    def __init__(self, seconds: dict[int, float], share: dict[int, float], idle: float):
+        self.seconds, self.share, self.idle = seconds, share, idle
+        self.cores = 2
+
+    def __call__(self) -> float | None:
+        return self.idle
+
+    def run(self, tuner: tuning.ThreadTuner, steps: int) -> list[int]:
+        """Record *steps* generation steps; the thread count of each."""
+        used = []
+        for _ in range(steps):
+            n = tuner.threads()
+            used.append(n)
+            seconds = self.seconds[n]
+            tuner.record(4, seconds, seconds * n * self.share[n])
+        return used
+
+
+QUIET = ({2: 0.014, 1: 0.022}, {2: 0.98, 1: 1.0}, 0.0)
+# One core busy elsewhere: two threads wait for each other (measured with
+# Gemma 3 270M here: 21 against 44 tokens/s, 73 % of their CPU time).
+HOGGED = ({2: 0.048, 1: 0.023}, {2: 0.73, 1: 1.0}, 0.0)
+
+
+def test_a_quiet_machine_is_never_probed() -> None:
+    """Probing cost a quiet machine 25 % of its speed: no reason, no probe."""
+    machine = Machine(*QUIET)
+    tuner = tuning.ThreadTuner(2, idle=machine)
+    used = []
+    deadline = time.monotonic() + 1.2  # a probe used to come after 0.5 s
+    while time.monotonic() < deadline:
+        used += machine.run(tuner, tuning.WINDOW_STEPS)
+        time.sleep(0.01)
+    assert set(used) == {2}
+    assert tuner.probes == 0
+
+
+def test_contention_moves_to_fewer_threads_and_a_free_core_back() -> None:
+    machine = Machine(*HOGGED)
+    tuner = tuning.ThreadTuner(2, idle=machine)
+    used = machine.run(tuner, 3 * tuning.WINDOW_STEPS)
+    assert tuner.best == 1
+    assert used[-1] == 1
+    # Both cores stay busy (the hog and our thread): one thread it stays.
+    used = machine.run(tuner, 500)
+    assert set(used) == {1}
+    # The hog ends: a core idles, two threads are tried (not at once after
+    # the move: that would undo it) and kept.
+    machine.seconds, machine.share, machine.idle = QUIET
+    machine.idle = 1.0
+    deadline = time.monotonic() + tuning.FIRST_WAIT + 1
+    while tuner.best == 1 and time.monotonic() < deadline:
+        machine.run(tuner, tuning.WINDOW_STEPS)
+        time.sleep(0.01)
+    assert tuner.best == 2
+    assert set(machine.run(tuner, 500)) == {2}
+
+
+def test_a_losing_probe_is_tried_later_and_later() -> None:
+    """Contended, yet one thread is slower (another cause): two it stays."""
+    machine = Machine({2: 0.02, 1: 0.04}, {2: 0.7, 1: 1.0}, 0.0)
+    tuner = tuning.ThreadTuner(2, idle=machine)
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        machine.run(tuner, tuning.WINDOW_STEPS)
+        time.sleep(0.01)
+    assert tuner.best == 2
+    # Waits of 0.5 s, then 1 s: two probes in 1.2 s, not one every window.
+    assert 1 <= tuner.probes <= 2
+
+
+def test_a_core_busy_while_idle_means_fewer_threads_at_once() -> None:
+    """The first step after a pause already runs with the cores left free."""
+    machine = Machine(*HOGGED)
+    tuner = tuning.ThreadTuner(2, idle=machine)
+    tuner.pause()
+    time.sleep(tuning.IDLE_SPELL + 0.05)
+    used = machine.run(tuner, 1)
+    assert used == [2]  # this step was chosen before the pause was judged
+    assert tuner.threads() == 1
+    # While the engine slept, a core idled: nothing changes.
+    machine.seconds, machine.share, machine.idle = QUIET
+    machine.idle = 1.6
+    tuner = tuning.ThreadTuner(2, idle=machine)
+    tuner.pause()
+    time.sleep(tuning.IDLE_SPELL + 0.05)
+    machine.run(tuner, 1)
+    assert tuner.threads() == 2
+
+
+def test_one_thread_is_never_tuned() -> None:
+    machine = Machine(*HOGGED)
+    tuner = tuning.ThreadTuner(1, idle=machine)
+    assert set(machine.run(tuner, 200)) == {1}
+    assert tuner.probes == 0
+
+
+def test_idle_cores_from_proc_stat(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+
+    def write(busy0: int, idle0: int, busy1: int, idle1: int) -> None:
+        stat.write_text(
+            f"cpu  {busy0 + busy1} 0 0 {idle0 + idle1} 0 0 0 0 0 0\n"
+            f"cpu0 {busy0} 0 0 {idle0} 0 0 0 0 0 0\n"
+            f"cpu1 {busy1} 0 0 {idle1} 0 0 0 0 0 0\n"
+            "intr 1 2 3\n"
+        )
+
+    write(100, 100, 100, 100)
+    cores = tuning.IdleCores(str(stat))
+    cores._cpus = {"cpu0", "cpu1"}
+    write(150, 150, 200, 100)  # cpu0 idle half the time, cpu1 busy
+    assert cores() == 0.5
+    assert cores.cores == 2
+    assert cores() is None  # no time passed
+    assert tuning.IdleCores(str(tmp_path / "missing"))() is None
