@@ -366,3 +366,34 @@ def test_dropped_streams_leave_room_for_others(live: LiveServer) -> None:
     assert response.json()["usage"]["completion_tokens"] == 10
     # Six streams of 3500 tokens would take many seconds if they ran on.
     assert time.monotonic() - started < 5.0
+
+
+# --- one thread decodes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_every_decode_of_a_model_runs_in_one_thread(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch, parallel: int
+) -> None:
+    """A second decoding thread slowed both by a quarter (threads.CallQueue)."""
+    app = make_app(LLAMA_PARALLEL=parallel, LLAMA_N_CTX=2048)
+    decoding: set[int] = set()
+    real = llama_cpp.llama_decode
+
+    def decode(*args: Any) -> int:
+        decoding.add(threading.get_native_id())
+        return real(*args)  # type: ignore[no-any-return]
+
+    # The engine calls the package's name, llama-cpp-python its module's.
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", decode)
+    whole = {"prompt": "Whole", "max_tokens": 20, "suffix": ""}  # not batched
+    plain = {"prompt": "Plain", "max_tokens": 20}
+    client = app.test_client()
+    for body in (whole, plain, {**whole, "stream": True}, {**plain, "stream": True}):
+        response = client.post(COMPLETIONS, json=body)
+        assert response.status_code == 200
+        assert "[DONE]" in response.get_data(as_text=True) or not body.get("stream")
+    together(*[lambda b=b: post(app, COMPLETIONS, b) for b in (whole, plain) * 2])
+    assert len(decoding) == 1, decoding
+    assert threading.get_native_id() not in decoding

@@ -567,7 +567,7 @@ def _run(
             raise APIError("The client closed the request.", 499)
         with logits():
             model.llama.cancelled = False
-            step = server.runner.submit(call)
+            step = model.runner.submit(call)
             try:
                 while not step.wait(1.0):
                     if _client_gone(environ):
@@ -729,7 +729,7 @@ def _stream(
     generator = server.shutdown.watch(
         stream.events(
             job,
-            server.runner,
+            model.runner,
             _ping_interval(body, settings),
             settings.queue_timeout,
             lambda exc: llama_error(exc, model),

@@ -32,7 +32,7 @@ from gevent import monkey
 
 from .errors import APIError
 from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
-from .threads import gevent_patched
+from .threads import CallQueue, gevent_patched
 from .tuning import ThreadTuner
 
 log = logging.getLogger("wsgi_llama.engine")
@@ -341,6 +341,8 @@ class Engine:
         self._pid: int | None = None
         self._closed = False
         self._stopped = _native_lock()
+        #: Calls of requests that hold the whole context, run by the loop.
+        self.calls = CallQueue(self._call_waiting)
         #: Counters for logs and metrics.
         self.stats = {"batched": 0, "exclusive": 0, "aborted_steps": 0, "reused": 0}
 
@@ -408,6 +410,10 @@ class Engine:
             self._flag[0] = b"\x01"  # llama.cpp stops the step at its next node
         self._poke()
 
+    def _call_waiting(self) -> None:
+        self._start()
+        self._poke()
+
     def _poke(self) -> None:
         with contextlib.suppress(RuntimeError):  # already awake
             self._wakeup.release()
@@ -441,6 +447,8 @@ class Engine:
         try:
             while not self._closed:
                 try:
+                    if self.calls:
+                        self.calls.run_pending()
                     busy = self._admit()
                     if busy:
                         self._step()

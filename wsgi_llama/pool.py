@@ -28,6 +28,7 @@ from .config import ConfigError, ModelSettings, Settings
 from .engine import Engine, QueueFull
 from .engine import QueueTimeout as QueueTimeout  # re-exported
 from .errors import APIError
+from .threads import CallQueue, ModelThread
 
 
 class Llama(llama_cpp.Llama):
@@ -257,6 +258,10 @@ class Model:
             self.queue = self.engine
         else:
             self.queue = FairQueue(queue_size)
+        #: The one thread where the model decodes (see :class:`CallQueue`).
+        self.runner: CallQueue = (
+            self.engine.calls if self.engine is not None else ModelThread()
+        )
         self.created = int(settings.path.stat().st_mtime)
         self.n_ctx = self.llama.n_ctx()
         self.n_vocab = self.llama.n_vocab()

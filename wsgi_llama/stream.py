@@ -16,7 +16,7 @@ from .batched import Pump
 from .errors import APIError
 from .pool import Model, QueueTimeout
 from .sse import DONE, PING, ClientGone, json_event, pings
-from .threads import Runner, Step
+from .threads import Call, CallQueue
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Job:
 
 def events(
     job: Job,
-    runner: Runner,
+    runner: CallQueue,
     interval: float,
     queue_timeout: float,
     to_api_error: Callable[[Exception], APIError],
@@ -71,8 +71,8 @@ def events(
             ticket.leave()
 
 
-def _generate(job: Job, runner: Runner, interval: float) -> Iterator[bytes]:
-    step: Step[Any] | None = None
+def _generate(job: Job, runner: CallQueue, interval: float) -> Iterator[bytes]:
+    step: Call[Any] | None = None
     chunks: Iterator[dict[str, Any]] | None = None
     try:
         step = runner.submit(job.start)

@@ -10,13 +10,22 @@ timeout, which is what lets a stream send heartbeats while the model works.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from gevent import monkey
+
 T = TypeVar("T")
+
+# OS threads and locks even when gevent has patched _thread.
+_start_thread = monkey.get_original("_thread", "start_new_thread")
+_native_lock = monkey.get_original("_thread", "allocate_lock")
 
 
 def gevent_patched() -> bool:
@@ -95,3 +104,118 @@ class Runner:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+
+class Call(Generic[T]):
+    """A call queued for a model's thread, awaited like a :class:`Step`.
+
+    Under gevent an Event may only be set in its hub's thread, so the model's
+    thread asks that hub to set it (``run_callback_threadsafe``).
+    """
+
+    def __init__(self, fn: Callable[..., T], args: Any, kwargs: Any) -> None:
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        if gevent_patched():
+            import gevent
+            from gevent.event import Event
+
+            self._event: Any = Event()
+            self._loop: Any = gevent.get_hub().loop
+        else:
+            self._event = threading.Event()
+            self._loop = None
+
+    def run(self) -> None:
+        """Called in the model's thread."""
+        try:
+            self._value = self._fn(*self._args, **self._kwargs)
+        except BaseException as exc:  # handed to the waiter, raised there
+            self._error = exc
+        self._done = True
+        if self._loop is None:
+            self._event.set()
+        else:
+            self._loop.run_callback_threadsafe(self._event.set)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._done:
+            self._event.wait(timeout)
+        return self._done
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[no-any-return]
+
+
+class CallQueue:
+    """Calls for one model, run in the one native thread that does its work.
+
+    llama.cpp's CPU backend (built with OpenMP here) keeps a team of worker
+    threads for each thread that computes. Two such threads in one process
+    make more workers than cores, and libgomp then stops spinning at the
+    barriers between graph nodes: Gemma 3 270M fell from about 68 to 50
+    tokens/s, in both threads, for as long as the process lived, once a
+    second thread had decoded. So every decode of a model happens in one
+    thread: the engine's loop, or a :class:`ModelThread`.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._calls: deque[Call[Any]] = deque()
+        self._wake = wake
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Call[T]:
+        call: Call[T] = Call(fn, args, kwargs)
+        self._calls.append(call)
+        self._wake()
+        return call
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run *fn* in the model's thread and wait for it, however long it takes."""
+        step = self.submit(fn, *args, **kwargs)
+        try:
+            step.wait()
+        finally:
+            while not step.done():  # never return while it may be in llama.cpp
+                step.wait()
+        return step.result()
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def run_pending(self) -> None:
+        """Run the queued calls; in the model's thread."""
+        while self._calls:
+            self._calls.popleft().run()
+
+
+class ModelThread(CallQueue):
+    """The native thread of a model without the engine, started in the process
+    that serves (after gunicorn forks), never before."""
+
+    def __init__(self) -> None:
+        super().__init__(self._poke)
+        self._pid: int | None = None
+        self._lock = _native_lock()
+        self._wakeup = _native_lock()
+        self._wakeup.acquire()
+
+    def _poke(self) -> None:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._pid = os.getpid()
+                    _start_thread(self._run, ())
+        with contextlib.suppress(RuntimeError):  # already awake
+            self._wakeup.release()
+
+    def _run(self) -> None:
+        while True:
+            self._wakeup.acquire()
+            self.run_pending()
