@@ -229,9 +229,9 @@ class Sampler:
             # Nothing in the chain changes a logit or keeps state: the chain
             # would pick the first highest logit, as this does, 5x faster.
             values = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
-            best = np.flatnonzero(values == values.max())
-            if len(best):
-                return int(best[0])
+            best = int(values.argmax())  # the first of equal maxima, or a NaN
+            if not np.isnan(values[best]):
+                return best
         if self._narrow:
             token = self._sample_narrow(logits)
             if token is not None:
