@@ -13,7 +13,6 @@ class Machine:
 
     def __init__(self, seconds: dict[int, float], share: dict[int, float], idle: float):
         self.seconds, self.share, self.idle = seconds, share, idle
-        self.cores = 2
 
     def __call__(self) -> float | None:
         return self.idle
@@ -82,25 +81,6 @@ def test_a_losing_probe_is_tried_later_and_later() -> None:
     assert 1 <= tuner.probes <= 2
 
 
-def test_a_core_busy_while_idle_means_fewer_threads_at_once() -> None:
-    """The first step after a pause already runs with the cores left free."""
-    machine = Machine(*HOGGED)
-    tuner = tuning.ThreadTuner(2, idle=machine)
-    tuner.pause()
-    time.sleep(tuning.IDLE_SPELL + 0.05)
-    used = machine.run(tuner, 1)
-    assert used == [2]  # this step was chosen before the pause was judged
-    assert tuner.threads() == 1
-    # While the engine slept, a core idled: nothing changes.
-    machine.seconds, machine.share, machine.idle = QUIET
-    machine.idle = 1.6
-    tuner = tuning.ThreadTuner(2, idle=machine)
-    tuner.pause()
-    time.sleep(tuning.IDLE_SPELL + 0.05)
-    machine.run(tuner, 1)
-    assert tuner.threads() == 2
-
-
 def test_one_thread_is_never_tuned() -> None:
     machine = Machine(*HOGGED)
     tuner = tuning.ThreadTuner(1, idle=machine)
@@ -124,6 +104,5 @@ def test_idle_cores_from_proc_stat(tmp_path: Path) -> None:
     cores._cpus = {"cpu0", "cpu1"}
     write(150, 150, 200, 100)  # cpu0 idle half the time, cpu1 busy
     assert cores() == 0.5
-    assert cores.cores == 2
     assert cores() is None  # no time passed
     assert tuning.IdleCores(str(tmp_path / "missing"))() is None

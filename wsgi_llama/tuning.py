@@ -8,19 +8,23 @@ tuner that tried one thread every few seconds took a quiet machine from 70 to
 51 tokens/s. So this one tries a count only when the machine says to:
 
 - fewer threads when the process had less CPU time during its steps than its
-  threads should have had (they waited for a core), or when other processes
-  kept a core busy while the engine was idle;
+  threads should have had (they waited for a core);
 - more threads when a core stays idle while the engine runs (``/proc/stat``;
   where that cannot be read, now and then).
 
-A probe that loses is tried again later and later.
+A probe that loses is tried again later and later. What other processes do
+while the engine is idle says little: starting at one thread after a burst
+there cost the next stream up to 10 s at the slower count.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
+
+log = logging.getLogger("wsgi_llama.tuning")
 
 #: A measuring window ends after this many steps and seconds, or MAX_WINDOW.
 WINDOW_STEPS = 4
@@ -28,11 +32,8 @@ WINDOW_SECONDS = 0.1
 MAX_WINDOW = 1.0
 #: Below this share of its threads' time on a CPU, the process is contended.
 CONTENDED = 0.85
-#: Idle cores that make one thread more worth trying, and busy ones (seen
-#: while the engine was idle) that make one fewer.
+#: Idle cores that make one thread more worth trying.
 WHOLE_CORE = 0.7
-#: An idle spell long enough to tell what other processes do.
-IDLE_SPELL = 0.3
 #: A probe with more threads must be this much faster to be kept; one with
 #: fewer is kept unless it is slower.
 UP_MARGIN = 1.1
@@ -79,10 +80,6 @@ class IdleCores:
             return None
         return (now[0] - last[0]) / (now[1] - last[1]) * now[2]
 
-    @property
-    def cores(self) -> int | None:
-        return None if self._last is None else self._last[2]
-
 
 class ThreadTuner:
     """Chooses the thread count for each step from measured decode speed."""
@@ -98,8 +95,7 @@ class ThreadTuner:
         self._probing = 0  # the direction of the probe running, or 0
         self._wait = {-1: FIRST_WAIT, 1: FIRST_WAIT}
         self._not_before = {-1: 0.0, 1: 0.0}
-        self._paused: float | None = None
-        self._paused_cpu = 0.0
+        self._paused = False
         self._restart()
         #: Probes tried and kept, for logs and tests.
         self.probes = 0
@@ -111,18 +107,17 @@ class ThreadTuner:
 
     def pause(self) -> None:
         """The engine has nothing to do; :meth:`record` resumes."""
-        if self._paused is None:
-            self._paused = time.monotonic()
-            self._paused_cpu = time.process_time()
+        if not self._paused:
+            self._paused = True
             self._restart()
-            self._idle()  # what follows is what others do while we wait
 
     def record(self, tokens: int, seconds: float, cpu: float) -> None:
         """A generation step of *tokens* took *seconds* and *cpu* process seconds."""
         if self.most == 1:
             return
-        if self._paused is not None:
-            self._resume()
+        if self._paused:
+            self._paused = False
+            self._idle()  # judge cores from here, not over the idle spell
         self._steps += 1
         self._tokens += tokens
         self._seconds += seconds
@@ -145,21 +140,6 @@ class ThreadTuner:
         elif self.best < self.most and (idle is None or idle >= WHOLE_CORE):
             self._probe(1, now)
 
-    def _resume(self) -> None:
-        idle_for = time.monotonic() - (self._paused or 0.0)
-        ours = (time.process_time() - self._paused_cpu) / max(idle_for, 1e-3)
-        self._paused = None
-        idle = self._idle()
-        cores = getattr(self._idle, "cores", None)
-        if idle_for < IDLE_SPELL or idle is None or not cores:
-            return
-        # While the engine slept, other processes kept this many cores busy.
-        others = int(cores - idle - ours + 1 - WHOLE_CORE)
-        if others > 0 and self.best > 1:
-            self.best = self._current = max(1, min(self.best, self.most - others))
-            self.changes += 1
-            self._best_rate = 0.0
-
     def _probe(self, direction: int, now: float) -> None:
         if now < self._not_before[direction]:
             return
@@ -173,6 +153,13 @@ class ThreadTuner:
         direction, self._probing = self._probing, 0
         margin = UP_MARGIN if direction > 0 else 1.0
         if rate >= self._best_rate * margin:
+            log.info(
+                "%d thread(s) instead of %d: %.1f against %.1f tokens/s",
+                self._current,
+                self.best,
+                rate,
+                self._best_rate,
+            )
             self.best = self._current
             self._best_rate = rate
             self.changes += 1
