@@ -19,6 +19,7 @@ import codecs
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder
 
-from wsgi_llama.sse import DONE, PING, ServerSentEvent, json_event
+from wsgi_llama.sse import DONE, PING, ServerSentEvent, json_event, pings
 
 # Parsers
 
@@ -496,3 +497,38 @@ def test_multibyte_generation_really_happens(pinging: FlaskClient) -> None:
     assert "".join(json.loads(e.data)["choices"][0]["text"] for e in events[:-1]) == (
         "€€€€"
     )
+
+
+class EarlyWakes:
+    """A wait that ends early twice (woken for an earlier token), then succeeds."""
+
+    def __init__(self) -> None:
+        self.calls: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.calls.append(timeout)
+        return len(self.calls) > 2
+
+
+def test_an_early_wake_is_no_heartbeat() -> None:
+    """A ping came mid-stream with a 30 s interval when a wait ended early."""
+    waitable = EarlyWakes()
+    assert list(pings(waitable, 30.0)) == []
+    assert len(waitable.calls) == 3
+    # Each wait is for what is left of the interval, not a new one.
+    assert all(t is not None and 29 < t <= 30 for t in waitable.calls)
+
+
+def test_a_whole_silent_interval_is_one_heartbeat() -> None:
+    class Slow:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.n += 1
+            if self.n <= 2:
+                time.sleep(timeout or 0)
+                return False
+            return True
+
+    assert list(pings(Slow(), 0.05)) == [PING, PING]

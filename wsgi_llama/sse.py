@@ -76,8 +76,9 @@ def pings(
     Past *limit* seconds in all, raise :class:`TimeoutError`.
     """
     deadline = None if limit is None else time.monotonic() + limit
+    beat = time.monotonic() + interval if interval > 0 else None
     while True:
-        timeout = interval if interval > 0 else None
+        timeout = None if beat is None else max(0.0, beat - time.monotonic())
         if gone is not None:
             # Heartbeats off: a write never fails, so look at the socket.
             timeout = 1.0 if timeout is None else min(timeout, 1.0)
@@ -90,8 +91,12 @@ def pings(
             return
         if gone is not None and gone():
             raise ClientGone
-        if interval > 0 and (deadline is None or time.monotonic() < deadline):
+        now = time.monotonic()
+        # A wait may also end early (a wake-up meant for an earlier token):
+        # only a whole interval of silence earns a heartbeat.
+        if beat is not None and now >= beat and (deadline is None or now < deadline):
             yield PING
+            beat = now + interval
 
 
 def plain(value: Any) -> Any:
