@@ -173,7 +173,10 @@ def model_defaults() -> dict[str, Any]:
     Generation uses every core (llama-cpp-python takes half), and logits are
     kept for the last token only: keeping them all made a 1.6k-token prompt
     3.5 times slower and the process 3.4 GB for a 250 MB model. Requests that
-    ask for logprobs switch them on for themselves (see :mod:`.pool`).
+    ask for logprobs switch them on for themselves (see :mod:`.pool`). Flash
+    attention is on, as llama.cpp's server has it on CPUs: a 1.6k-token prompt
+    took 2.7-2.9 s instead of 3.1-3.2 s, and a stream 74-79 tokens/s instead
+    of 68-72 (Gemma 3 270M on the engine, 2 cores).
     """
     cores = cpu_count()
     return {
@@ -181,6 +184,7 @@ def model_defaults() -> dict[str, Any]:
         "n_threads": cores,
         "n_threads_batch": cores,
         "logits_all": False,
+        "flash_attn": True,
         "verbose": False,
     }
 
