@@ -6,8 +6,11 @@ with heartbeats off and another alias, both on the same model file.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -130,6 +133,57 @@ def test_different_options_load_another_copy(tiny_model: Path) -> None:
     assert len(mounts.models) == 2
     assert mounts["small"].pool.get(None).n_ctx == 256
     assert mounts["big"].pool.get(None).n_ctx == 512
+
+
+def test_another_parallel_loads_another_copy(tiny_model: Path) -> None:
+    """LLAMA_PARALLEL shapes the context: a mount never runs on another's engine."""
+    host = Flask("host")
+    host.config.update(LLAMA_MODEL=str(tiny_model), LLAMA_N_CTX=512)
+    host.register_blueprint(create_blueprint({"LLAMA_PARALLEL": 1}, name="one"))
+    host.register_blueprint(
+        create_blueprint({"LLAMA_PARALLEL": 3}, name="three"), url_prefix="/three"
+    )
+    mounts = host.extensions["wsgi_llama"]
+    assert len(mounts.models) == 2
+    assert mounts["one"].pool.get(None).engine is None
+    assert mounts["three"].pool.get(None).engine.n_parallel == 3
+
+
+def test_mounts_sharing_an_engine_keep_their_queue_timeouts(tiny_model: Path) -> None:
+    host = Flask("host")
+    host.config.update(LLAMA_MODEL=str(tiny_model), LLAMA_N_CTX=8192, LLAMA_PARALLEL=2)
+    host.register_blueprint(
+        create_blueprint({"LLAMA_QUEUE_TIMEOUT": 0.3}, name="quick"),
+        url_prefix="/quick",
+    )
+    host.register_blueprint(
+        create_blueprint({"LLAMA_QUEUE_TIMEOUT": 60}, name="patient"),
+        url_prefix="/patient",
+    )
+    assert len(host.extensions["wsgi_llama"].models) == 1
+    engine = host.extensions["wsgi_llama"]["quick"].pool.get(None).engine
+
+    def post(prefix: str, max_tokens: int) -> tuple[int, Any, float]:
+        started = time.monotonic()
+        response = host.test_client().post(
+            prefix + "/v1/completions",
+            json={"prompt": f"Hold {prefix}", "max_tokens": max_tokens},
+        )
+        return response.status_code, response.json, time.monotonic() - started
+
+    with ThreadPoolExecutor(4) as pool:
+        holders = [pool.submit(post, "/patient", 3000) for _ in range(2)]
+        while engine.running < 2:
+            time.sleep(0.005)
+        quick = pool.submit(post, "/quick", 5)
+        patient = pool.submit(post, "/patient", 5)
+        status, body, waited = quick.result()
+        assert status == 503, body
+        assert body["error"]["code"] == "queue_timeout"
+        assert not patient.done()  # both slots still busy: it waits on
+        assert 0.3 <= waited < 5
+        assert patient.result()[0] == 200
+        assert all(h.result()[0] == 200 for h in holders)
 
 
 def test_extension_with_init_app(tiny_model: Path) -> None:

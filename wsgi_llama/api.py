@@ -605,7 +605,9 @@ def _batched(
     proxies: list[EngineLlama] = []
 
     def generate(pump: Pump) -> Any:
-        llama = EngineLlama(model, server.runner.call, pump.wait)
+        llama = EngineLlama(
+            model, server.runner.call, pump.wait, server.settings.queue_timeout
+        )
         proxies.append(llama)
         result = run(llama, stream=streaming)
         if not streaming:

@@ -80,8 +80,10 @@ class EngineLlama:
         model: Any,
         call: Callable[..., Any],
         wait: Callable[[Sequence], None] = wait_blocking,
+        queue_timeout: float | None = None,
     ) -> None:
         self._pool_model = model
+        self._queue_timeout = queue_timeout
         self._llama = model.llama
         self._call = call
         self._wait = wait
@@ -177,6 +179,7 @@ class EngineLlama:
             max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
             stop=[s for s in stops if s],
             criteria=stopping_criteria,
+            queue_timeout=self._queue_timeout,
         )
         sequence = self._pool_model.engine.submit(request)
         self.sequence = sequence

@@ -32,7 +32,7 @@ from gevent import monkey
 
 from .errors import APIError
 from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
-from .threads import CallQueue, gevent_patched
+from .threads import CallQueue, Signal
 from .tuning import ThreadTuner
 
 log = logging.getLogger("wsgi_llama.engine")
@@ -70,25 +70,10 @@ class QueueTimeout(APIError):
 
 
 class _Waiter:
-    """Something a request waits on and the loop's thread completes.
-
-    Under gevent an Event may only be set in its hub's thread, so the loop
-    asks the hub to set it (``run_callback_threadsafe`` wakes the hub's loop);
-    otherwise a :class:`threading.Event` is set directly.
-    """
+    """Something a request waits on and the loop's thread completes."""
 
     def __init__(self) -> None:
-        if gevent_patched():
-            import gevent
-            from gevent.event import Event
-
-            self._event: Any = Event()
-            self._loop: Any = gevent.get_hub().loop
-        else:
-            import threading
-
-            self._event = threading.Event()
-            self._loop = None
+        self._signal = Signal()
         self.enqueued = time.monotonic()
 
     def ready(self) -> bool:
@@ -98,18 +83,15 @@ class _Waiter:
         """Wait up to *timeout* seconds; return whether :meth:`ready`."""
         if self.ready():
             return True
-        self._event.clear()
+        self._signal.clear()
         if self.ready():
             return True
-        self._event.wait(timeout)
+        self._signal.wait(timeout)
         return self.ready()
 
     def _wake(self) -> None:
         """Called from the loop's thread."""
-        if self._loop is None:
-            self._event.set()
-        else:
-            self._loop.run_callback_threadsafe(self._event.set)
+        self._signal.set()
 
 
 @dataclass
@@ -131,6 +113,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     #: llama-cpp-python stopping criteria, called with the tokens so far.
     criteria: Callable[[Any, Any], bool] | None = None
+    #: Seconds it may wait for a sequence (None: the engine's); mounts differ.
+    queue_timeout: float | None = None
 
 
 class Sequence(_Waiter):
@@ -466,8 +450,12 @@ class Engine:
         waiting = [w for w in list(self._waiting) if isinstance(w, Sequence)]
         if not waiting:
             return 1.0
-        first = min(w.enqueued for w in waiting) + self.queue_timeout
+        first = min(w.enqueued + self._timeout(w) for w in waiting)
         return min(1.0, max(0.01, first - time.monotonic()))
+
+    def _timeout(self, sequence: Sequence) -> float:
+        timeout = sequence.request.queue_timeout
+        return self.queue_timeout if timeout is None else timeout
 
     def _admit(self) -> bool:
         """Start waiting requests that fit; return whether a step should run."""
@@ -476,11 +464,12 @@ class Engine:
         with self._lock:
             for item in list(self._waiting):
                 if isinstance(item, Sequence) and (
-                    item.cancelled or now - item.enqueued > self.queue_timeout
+                    item.cancelled or now - item.enqueued > self._timeout(item)
                 ):
                     self._waiting.remove(item)
                     if not item.cancelled:
-                        item._end(None, QueueTimeout(self.alias, self.queue_timeout))
+                        waited = self._timeout(item)
+                        item._end(None, QueueTimeout(self.alias, waited))
                     else:
                         item._end(None)
             if self._gate is not None:

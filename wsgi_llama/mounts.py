@@ -59,7 +59,9 @@ class ModelRegistry:
 
     def users(self, model: Model) -> int:
         """How many mounts use *model*'s loaded copy."""
-        return self._users.get(self._key_of(model.path, model.options), 0)
+        return self._users.get(
+            self._key_of(model.path, model.options, model.parallel), 0
+        )
 
     def get(
         self,
@@ -68,7 +70,7 @@ class ModelRegistry:
         parallel: int = 1,
         queue_timeout: float = 600.0,
     ) -> Model:
-        key = self._key_of(settings.path, settings.options)
+        key = self._key_of(settings.path, settings.options, parallel)
         with self._lock:
             model = self._loaded.get(key)
             if model is None:
@@ -85,9 +87,13 @@ class ModelRegistry:
         return model
 
     @staticmethod
-    def _key_of(path: Path, options: Mapping[str, Any]) -> tuple[str, str]:
+    def _key_of(
+        path: Path, options: Mapping[str, Any], parallel: int
+    ) -> tuple[str, str, int]:
+        # LLAMA_PARALLEL shapes the context (its sequences): another copy.
         resolved = str(Path(path).resolve())
-        return resolved, json.dumps(dict(options), sort_keys=True, default=repr)
+        options_key = json.dumps(dict(options), sort_keys=True, default=repr)
+        return resolved, options_key, parallel
 
 
 class Mounts(dict[str, Server]):

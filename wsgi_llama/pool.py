@@ -239,6 +239,8 @@ class Model:
         self.embedding = bool(settings.options.get("embedding"))
         if self.embedding:
             parallel = 1  # llama-cpp-python embeds with a context of its own making
+        #: Sequences in the context (LLAMA_PARALLEL as this model got it).
+        self.parallel = parallel
         try:
             self.llama = Llama(
                 model_path=str(settings.path), n_parallel=parallel, **settings.options

@@ -106,18 +106,15 @@ class Runner:
                 self._executor = None
 
 
-class Call(Generic[T]):
-    """A call queued for a model's thread, awaited like a :class:`Step`.
+class Signal:
+    """An event a native thread sets for whoever waits in the thread that made it.
 
-    Under gevent an Event may only be set in its hub's thread, so the model's
-    thread asks that hub to set it (``run_callback_threadsafe``).
+    Under gevent an Event may only be set in its hub's thread, so the setter
+    asks that hub to set it (``run_callback_threadsafe`` wakes the hub's loop);
+    otherwise it is a :class:`threading.Event`, set directly.
     """
 
-    def __init__(self, fn: Callable[..., T], args: Any, kwargs: Any) -> None:
-        self._fn, self._args, self._kwargs = fn, args, kwargs
-        self._done = False
-        self._value: Any = None
-        self._error: BaseException | None = None
+    def __init__(self) -> None:
         if gevent_patched():
             import gevent
             from gevent.event import Event
@@ -128,6 +125,30 @@ class Call(Generic[T]):
             self._event = threading.Event()
             self._loop = None
 
+    def set(self) -> None:
+        """Called from any thread."""
+        if self._loop is None:
+            self._event.set()
+        else:
+            self._loop.run_callback_threadsafe(self._event.set)
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+
+class Call(Generic[T]):
+    """A call queued for a model's thread, awaited like a :class:`Step`."""
+
+    def __init__(self, fn: Callable[..., T], args: Any, kwargs: Any) -> None:
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._signal = Signal()
+
     def run(self) -> None:
         """Called in the model's thread."""
         try:
@@ -135,14 +156,11 @@ class Call(Generic[T]):
         except BaseException as exc:  # handed to the waiter, raised there
             self._error = exc
         self._done = True
-        if self._loop is None:
-            self._event.set()
-        else:
-            self._loop.run_callback_threadsafe(self._event.set)
+        self._signal.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         if not self._done:
-            self._event.wait(timeout)
+            self._signal.wait(timeout)
         return self._done
 
     def done(self) -> bool:
