@@ -397,3 +397,51 @@ def test_every_decode_of_a_model_runs_in_one_thread(
     together(*[lambda b=b: post(app, COMPLETIONS, b) for b in (whole, plain) * 2])
     assert len(decoding) == 1, decoding
     assert threading.get_native_id() not in decoding
+
+
+# --- a prompt step cut short ----------------------------------------------------------
+
+
+@pytest.mark.gemma
+def test_a_cancelled_prompt_step_stops_mid_step(
+    make_app: Callable[..., Flask], gemma_model: Any
+) -> None:
+    """llama_set_abort_callback: the step stops at a graph node, not at its end.
+
+    Gemma 3 270M takes most of a second for each 512-token step of a long
+    prompt; the sequence is cancelled early in one, and the next request must
+    not wait for the rest of it.
+    """
+    from wsgi_llama.engine import Request
+    from wsgi_llama.sampling import SamplingParams
+
+    app = make_app(LLAMA_MODEL=str(gemma_model), LLAMA_PARALLEL=2, LLAMA_N_CTX=4096)
+    engine = engine_of(app)
+    llama = engine.llama
+    greedy = SamplingParams(temperature=0)
+
+    def run(prompt: list[int]) -> Any:
+        sequence = engine.submit(Request(prompt, greedy, max_tokens=1))
+        while not sequence.done:
+            sequence.wait(1)
+        return sequence
+
+    words = " ".join(f"word{i}" for i in range(1200)).encode()
+    long_prompt = llama.tokenize(words)[:2000]
+    assert len(long_prompt) >= 1500
+    started = time.monotonic()
+    run(long_prompt[:512])  # one whole step of 512 prompt tokens
+    step = time.monotonic() - started
+    before = engine.stats["aborted_steps"]
+    sequence = engine.submit(Request(long_prompt, greedy, max_tokens=1))
+    while sequence not in engine._in_flight:
+        time.sleep(0.001)
+    time.sleep(step / 5)
+    cancelled = time.monotonic()
+    sequence.cancel()
+    run(llama.tokenize(b"Next"))
+    took = time.monotonic() - cancelled
+    assert engine.stats["aborted_steps"] == before + 1
+    assert sequence.done and sequence.finish_reason is None
+    # Without the abort the rest of the step (about 4/5 of it) came first.
+    assert took < step / 2, (took, step)
