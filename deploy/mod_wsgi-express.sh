@@ -8,9 +8,13 @@
 # by default) would restart the daemon mid-stream and reload the model.
 # As root, --user/--group name the unprivileged user the daemon runs as. It
 # passes the Authorization header (LLAMA_API_KEY) and uses the main
-# interpreter (%{GLOBAL}) by default.
+# interpreter (%{GLOBAL}) by default. The daemon's working directory is named:
+# by default it is wherever this script is run from, and a directory the
+# daemon's user cannot enter (/root, a private /tmp/...) leaves it restarting
+# every 20 s with "Unable to change working directory", never serving.
 exec /srv/wsgi-llama/venv/bin/mod_wsgi-express start-server \
     /srv/wsgi-llama/app/wsgi_llama.wsgi \
+    --working-directory /srv/wsgi-llama/app \
     --host 127.0.0.1 --port 8000 \
     --user www-data --group www-data \
     --server-root /srv/wsgi-llama/express \

@@ -8,6 +8,7 @@ Settings arrive by ``--setenv``; the script's timeouts let long streams live.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,13 +51,18 @@ def express(
         assert old in script, f"{old!r} is no longer in the deploy script"
         script = script.replace(old, new)
     start = write_public(public / "express.sh", script)
-    server = Server(public, ["sh", str(start)], [port])
+    # Started from a directory the daemon's user cannot enter, as from /root:
+    # the script must name the daemon's working directory itself.
+    private = Path(tempfile.mkdtemp())
+    command = ["sh", "-c", f'cd "{private}" && exec sh "{start}"']
+    server = Server(public, command, [port])
     server.name = "mod_wsgi-express"
     try:
         server.wait_ready(timeout=120)
         yield server
     finally:
         server.stop()
+        private.rmdir()
 
 
 def test_settings_come_from_setenv(express: Server) -> None:

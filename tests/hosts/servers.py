@@ -94,7 +94,9 @@ class Server:
     def logs(self, limit: int = 4000) -> str:
         """Every log file under the server's root, for failure messages."""
         parts = []
-        for path in sorted(self.root.rglob("*.log")):
+        for path in sorted(self.root.rglob("*log")):  # Apache's error_log too
+            if not path.is_file():
+                continue
             text = path.read_text(errors="replace")
             parts.append(f"--- {path.name}\n{text[-limit:]}")
         return "\n".join(parts)
