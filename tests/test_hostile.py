@@ -604,7 +604,9 @@ def openai_cases() -> Iterator[Any]:
                 )
 
 
-@pytest.mark.parametrize(("path", "name", "takes", "schema", "prop"), openai_cases())
+@pytest.mark.parametrize(
+    ("path", "name", "takes", "schema", "prop"), list(openai_cases())
+)
 def test_table_agrees_with_openai(
     path: str, name: str, takes: Check, schema: str, prop: str
 ) -> None:
