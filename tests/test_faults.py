@@ -768,11 +768,17 @@ def test_sigkilled_worker_is_replaced_and_the_other_keeps_serving(
     # One request at a time, so that the streams outlast the set-up (batched,
     # the tiny model finishes them first).
     two = start_server(
-        "-w", "2", LLAMA_PING_INTERVAL="0.2", LLAMA_PARALLEL="1", **ONE_THREAD
+        "-w",
+        "2",
+        LLAMA_PING_INTERVAL="0.2",
+        LLAMA_PARALLEL="1",
+        LLAMA_N_CTX="8192",
+        **ONE_THREAD,
     )
     pids = disconnects.children(two.process.pid)
     assert len(pids) == 2
-    tokens = 800
+    # 800 tokens ended before the kill once each model decoded in one thread.
+    tokens = 6000
     streams: dict[int, list[Raw]] = {pid: [] for pid in pids}
     # Two streams on each worker. A worker may still be loading its model
     # while the other accepts every connection: retry until both have theirs.
