@@ -28,19 +28,13 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from gevent import monkey
 
 from .errors import APIError
 from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
-from .threads import CallQueue, Signal
+from .threads import CallQueue, Signal, native_lock, start_native_thread
 from .tuning import ThreadTuner
 
 log = logging.getLogger("wsgi_llama.engine")
-
-# OS threads and locks even when gevent has patched _thread: the loop must not
-# be a greenlet, and its locks must block OS threads, not greenlets.
-_start_thread = monkey.get_original("_thread", "start_new_thread")
-_native_lock = monkey.get_original("_thread", "allocate_lock")
 
 #: Prompt tokens per step while other sequences generate: their next token
 #: waits for the chunk, so it stays short.
@@ -309,8 +303,8 @@ class Engine:
         self._ctx = llama._ctx.ctx
         self._vocab = llama._model.vocab
         self._n_swa = max(1, llama_cpp.llama_model_n_swa(llama._model.model))
-        self._lock = _native_lock()
-        self._wakeup = _native_lock()
+        self._lock = native_lock()
+        self._wakeup = native_lock()
         self._wakeup.acquire()  # held: nothing to do; released: look again
         self._waiting: deque[Sequence | _Gate] = deque()
         self._active: list[Sequence] = []
@@ -324,7 +318,7 @@ class Engine:
         self._n_threads = 0
         self._pid: int | None = None
         self._closed = False
-        self._stopped = _native_lock()
+        self._stopped = native_lock()
         #: Calls of requests that hold the whole context, run by the loop.
         self.calls = CallQueue(self._call_waiting)
         #: Counters for logs and metrics.
@@ -410,12 +404,12 @@ class Engine:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            self._stopped = _native_lock()
+            self._stopped = native_lock()
             self._stopped.acquire()
             llama_cpp.llama_set_abort_callback(
                 self._ctx, self._callback, ctypes.addressof(self._flag)
             )
-            _start_thread(self._run, ())
+            start_native_thread(self._run, ())
 
     def close(self) -> None:
         """Stop the loop (it finishes the step it is in)."""
@@ -463,13 +457,13 @@ class Engine:
         now = time.monotonic()
         with self._lock:
             for item in list(self._waiting):
-                if isinstance(item, Sequence) and (
-                    item.cancelled or now - item.enqueued > self._timeout(item)
-                ):
+                if not isinstance(item, Sequence):
+                    continue
+                timeout = self._timeout(item)
+                if item.cancelled or now - item.enqueued > timeout:
                     self._waiting.remove(item)
                     if not item.cancelled:
-                        waited = self._timeout(item)
-                        item._end(None, QueueTimeout(self.alias, waited))
+                        item._end(None, QueueTimeout(self.alias, timeout))
                     else:
                         item._end(None)
             if self._gate is not None:

@@ -23,9 +23,10 @@ from gevent import monkey
 
 T = TypeVar("T")
 
-# OS threads and locks even when gevent has patched _thread.
-_start_thread = monkey.get_original("_thread", "start_new_thread")
-_native_lock = monkey.get_original("_thread", "allocate_lock")
+# OS threads and locks even when gevent has patched _thread: a loop that runs
+# llama.cpp must not be a greenlet, and its locks must block OS threads.
+start_native_thread = monkey.get_original("_thread", "start_new_thread")
+native_lock = monkey.get_original("_thread", "allocate_lock")
 
 
 def gevent_patched() -> bool:
@@ -220,8 +221,8 @@ class ModelThread(CallQueue):
     def __init__(self) -> None:
         super().__init__(self._poke)
         self._pid: int | None = None
-        self._lock = _native_lock()
-        self._wakeup = _native_lock()
+        self._lock = native_lock()
+        self._wakeup = native_lock()
         self._wakeup.acquire()
 
     def _poke(self) -> None:
@@ -229,7 +230,7 @@ class ModelThread(CallQueue):
             with self._lock:
                 if self._pid != os.getpid():
                     self._pid = os.getpid()
-                    _start_thread(self._run, ())
+                    start_native_thread(self._run, ())
         with contextlib.suppress(RuntimeError):  # already awake
             self._wakeup.release()
 
