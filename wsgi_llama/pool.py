@@ -96,6 +96,19 @@ class Llama(llama_cpp.Llama):
                 yield token
         finally:
             inner.close()
+            self._free_sampler()
+
+    def _free_sampler(self) -> None:
+        """Free llama-cpp-python's sampler chain now, not at the next full GC.
+
+        The chain holds an n_vocab buffer in C (3 MB for Gemma's vocabulary) and
+        sits in a reference cycle, so each request's chain outlived it: 200
+        simultaneous requests one at a time took the process from 460 MB to
+        1 GB. :meth:`sample` makes a new chain when it finds none.
+        """
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.close()
 
     @contextmanager
     def all_logits(self) -> Iterator[None]:
