@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder
 
-from wsgi_llama.sse import DONE, PING, ServerSentEvent, json_event, pings
+from wsgi_llama.sse import DONE, PING, Heartbeat, ServerSentEvent, json_event, pings
 
 # Parsers
 
@@ -532,3 +532,42 @@ def test_a_whole_silent_interval_is_one_heartbeat() -> None:
             return True
 
     assert list(pings(Slow(), 0.05)) == [PING, PING]
+
+
+class Sleeps:
+    """A wait that sleeps *first* seconds and succeeds, or sleeps its timeout."""
+
+    def __init__(self, first: float | None = None) -> None:
+        self.first = first
+        self.calls: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.calls.append(timeout)
+        if self.first is not None:
+            time.sleep(self.first)
+            return True
+        time.sleep(timeout or 0)
+        return len(self.calls) > 1
+
+
+def test_silence_is_counted_across_waits() -> None:
+    """A queued stream waited for its turn, then for its prompt: two silences
+    of 0.7 and 0.5 intervals made one of 1.2 intervals with no ping."""
+    heartbeat = Heartbeat()
+    assert list(pings(Sleeps(first=0.07), 0.1, heartbeat=heartbeat)) == []
+    prompt = Sleeps()
+    assert list(pings(prompt, 0.1, heartbeat=heartbeat)) == [PING]
+    assert prompt.calls[0] is not None and prompt.calls[0] < 0.04
+    # The ping counts as a frame: the next silence starts there.
+    assert time.monotonic() - heartbeat.last < 0.11
+
+
+def test_a_frame_restarts_the_silence() -> None:
+    heartbeat = Heartbeat()
+    list(pings(Sleeps(first=0.07), 0.1, heartbeat=heartbeat))
+    heartbeat.sent(b"data: {}\n\n")
+    waitable = Sleeps(first=0.0)
+    list(pings(waitable, 0.1, heartbeat=heartbeat))
+    assert waitable.calls[0] is not None and waitable.calls[0] > 0.09
+    before = heartbeat.last
+    assert heartbeat.sent(b"") == b"" and heartbeat.last == before

@@ -63,20 +63,41 @@ class ClientGone(Exception):
     """The client closed its connection: nobody reads the rest."""
 
 
+class Heartbeat:
+    """When a stream last sent bytes, so that its waits count one silence.
+
+    A stream waits several times between frames (its turn in the queue, then
+    its prompt); each wait starting the count afresh let 1.2 s pass without a
+    ping at an interval of 1 s.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def sent(self, frame: bytes) -> bytes:
+        """Note that *frame* goes out now (if it holds anything); return it."""
+        if frame:
+            self.last = time.monotonic()
+        return frame
+
+
 def pings(
     waitable: Waitable,
     interval: float,
     limit: float | None = None,
     gone: Callable[[], bool] | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> Iterator[bytes]:
     """Yield a heartbeat each time *interval* seconds pass with *waitable* unfinished.
 
     The wait is cooperative (a gevent timer under gevent), so the hub keeps
     serving while the model works. An interval of 0 or less waits silently.
-    Past *limit* seconds in all, raise :class:`TimeoutError`.
+    Past *limit* seconds in all, raise :class:`TimeoutError`. Silence counts
+    from *heartbeat*'s last frame, or from now without one.
     """
+    clock = heartbeat or Heartbeat()
     deadline = None if limit is None else time.monotonic() + limit
-    beat = time.monotonic() + interval if interval > 0 else None
+    beat = clock.last + interval if interval > 0 else None
     while True:
         timeout = None if beat is None else max(0.0, beat - time.monotonic())
         if gone is not None:
@@ -95,7 +116,7 @@ def pings(
         # A wait may also end early (a wake-up meant for an earlier token):
         # only a whole interval of silence earns a heartbeat.
         if beat is not None and now >= beat and (deadline is None or now < deadline):
-            yield PING
+            yield clock.sent(PING)
             beat = now + interval
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from .batched import Pump
 from .errors import APIError
 from .pool import Model, QueueTimeout
-from .sse import DONE, PING, ClientGone, json_event, pings
+from .sse import DONE, PING, ClientGone, Heartbeat, json_event, pings
 from .threads import Call, CallQueue
 
 
@@ -43,23 +43,28 @@ def events(
     # Enter the queue only once iterated: a server may close a generator it
     # never started, and then no ``finally`` would give the place back.
     ticket = None
+    heartbeat = Heartbeat()
     try:
         ticket = job.model.queue.enter(job.model.alias)
         # The headers go out with the first chunk. gunicorn sends them for an
         # empty one; mod_wsgi and Passenger drop empty chunks and would hold
         # the headers until the first heartbeat or token. So with heartbeats
         # on, the first chunk is one; with them off, not a byte more.
-        yield PING if interval > 0 else b""
+        yield heartbeat.sent(PING if interval > 0 else b"")
         try:
             yield from pings(
-                ticket, interval, queue_timeout, None if interval > 0 else gone
+                ticket,
+                interval,
+                queue_timeout,
+                None if interval > 0 else gone,
+                heartbeat,
             )
         except TimeoutError:
             raise QueueTimeout(job.model.alias, queue_timeout) from None
         if gone is not None and gone():
             return  # left while queued: its prompt is not worth processing
         with job.logits():
-            yield from _generate(job, runner, interval)
+            yield from _generate(job, runner, interval, heartbeat)
         yield DONE
     except ClientGone:
         return
@@ -71,22 +76,24 @@ def events(
             ticket.leave()
 
 
-def _generate(job: Job, runner: CallQueue, interval: float) -> Iterator[bytes]:
+def _generate(
+    job: Job, runner: CallQueue, interval: float, heartbeat: Heartbeat
+) -> Iterator[bytes]:
     step: Call[Any] | None = None
     chunks: Iterator[dict[str, Any]] | None = None
     try:
         step = runner.submit(job.start)
-        yield from pings(step, interval)
+        yield from pings(step, interval, heartbeat=heartbeat)
         chunks = step.result()
         while True:
             step = runner.submit(next, chunks, None)
-            yield from pings(step, interval)
+            yield from pings(step, interval, heartbeat=heartbeat)
             chunk = step.result()
             if chunk is None:
                 break
             shaped = job.shape(chunk)
             if shaped is not None:
-                yield json_event(shaped)
+                yield heartbeat.sent(json_event(shaped))
         final = job.final()
         if final is not None:
             yield json_event(final)
@@ -121,18 +128,20 @@ def pumped_events(
     first step returned (the view took it, to answer 503 while it could).
     *counted* is called once the generation has ended, however it ended.
     """
+    heartbeat = Heartbeat()
     try:
         # As in events(): with heartbeats on, the first chunk is one, so that
         # mod_wsgi and Passenger (which drop empty chunks) send the headers.
-        yield PING if interval > 0 else b""
+        yield heartbeat.sent(PING if interval > 0 else b"")
         kind, value = first
         while kind != "done":
             if kind == "wait":
-                yield from pings(value, interval, None, None if interval > 0 else gone)
+                off = None if interval > 0 else gone
+                yield from pings(value, interval, None, off, heartbeat)
             else:
                 shaped = shape(value)
                 if shaped is not None:
-                    yield json_event(shaped)
+                    yield heartbeat.sent(json_event(shaped))
             kind, value = pump.step()
         last = final()
         if last is not None:
