@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
+
+import llama_cpp
 
 from wsgi_llama import tuning
 
@@ -106,3 +109,43 @@ def test_idle_cores_from_proc_stat(tmp_path: Path) -> None:
     assert cores() == 0.5
     assert cores() is None  # no time passed
     assert tuning.IdleCores(str(tmp_path / "missing"))() is None
+
+
+class Fixed:
+    """A tuner that always answers *n* threads and keeps what it was told."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.steps: list[tuple[int, float, float]] = []
+        self.pauses = 0
+
+    def threads(self) -> int:
+        return self.n
+
+    def record(self, tokens: int, seconds: float, cpu: float) -> None:
+        self.steps.append((tokens, seconds, cpu))
+
+    def pause(self) -> None:
+        self.pauses += 1
+
+
+def test_one_request_at_a_time_follows_a_tuner_too(make_app: Any) -> None:
+    """Without the engine (LLAMA_PARALLEL=1), llama-cpp-python's own decoding
+    takes the tuner's thread count and reports each generated token's step."""
+    app = make_app(LLAMA_PARALLEL=1, LLAMA_N_THREADS=2)
+    pool = app.extensions["wsgi_llama"].pool
+    model = next(iter(pool.models.values()))
+    assert model.engine is None
+    assert isinstance(model.llama.tuner, tuning.ThreadTuner)
+    model.llama.tuner = tuner = Fixed(1)
+    body = {"prompt": "threads", "max_tokens": 12, "temperature": 0}
+    response = app.test_client().post("/v1/completions", json=body)
+    assert response.status_code == 200
+    generated = response.get_json()["usage"]["completion_tokens"]
+    assert generated >= 2
+    # Every token after the first is one step of one token, timed.
+    assert len(tuner.steps) >= generated - 1
+    assert all(t == 1 and s > 0 and c >= 0 for t, s, c in tuner.steps)
+    assert tuner.pauses == 1
+    assert llama_cpp.llama_n_threads(model.llama._ctx.ctx) == 1
+    assert llama_cpp.llama_n_threads_batch(model.llama._ctx.ctx) == 1

@@ -29,6 +29,7 @@ from .engine import Engine, QueueFull
 from .engine import QueueTimeout as QueueTimeout  # re-exported
 from .errors import APIError
 from .threads import CallQueue, ModelThread
+from .tuning import ThreadTuner
 
 
 class Llama(llama_cpp.Llama):
@@ -38,6 +39,9 @@ class Llama(llama_cpp.Llama):
     completion_tokens = 0
     #: Set (from another thread) to end the running generation at its next token.
     cancelled = False
+    #: The thread count's tuner when no engine runs this model (it has its own).
+    tuner: ThreadTuner | None = None
+    _threads = 0  # what llama.cpp was last told
     _max_tokens: int | None = None
 
     def __init__(self, *args: Any, n_parallel: int = 1, **kwargs: Any) -> None:
@@ -97,6 +101,24 @@ class Llama(llama_cpp.Llama):
         finally:
             inner.close()
             self._free_sampler()
+            if self.tuner is not None:
+                self.tuner.pause()
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Decode with the tuner's thread count, timing generation steps for it."""
+        tuner = self.tuner
+        if tuner is None:
+            return super().eval(tokens)
+        threads = tuner.threads()
+        if threads != self._threads:
+            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+            self._threads = threads
+        started, cpu = time.perf_counter(), time.process_time()
+        super().eval(tokens)
+        if len(tokens) == 1:
+            seconds = time.perf_counter() - started
+            tuner.record(1, seconds, time.process_time() - cpu)
+        return None
 
     def _free_sampler(self) -> None:
         """Free llama-cpp-python's sampler chain now, not at the next full GC.
@@ -273,6 +295,8 @@ class Model:
             self.queue = self.engine
         else:
             self.queue = FairQueue(queue_size)
+            # Other processes' busy cores stall llama.cpp's threads (see .tuning).
+            self.llama.tuner = ThreadTuner(self.llama.context_params.n_threads)
         #: The one thread where the model decodes (see :class:`CallQueue`).
         self.runner: CallQueue = (
             self.engine.calls if self.engine is not None else ModelThread()
