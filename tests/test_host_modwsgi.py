@@ -9,6 +9,7 @@ enough to cut a stream, and a host Flask app with two mounts.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -311,21 +312,20 @@ def test_host_app_keeps_its_routes_and_mounts_have_their_own_heartbeats(
 
 
 def test_host_app_mounts_share_one_model(apache: Apache) -> None:
+    """Two mounts, one model: while a request on one mount holds the whole
+    model, a request on the other waits for it (a copy of its own would answer
+    at once). Batched requests would not wait, so the holder keeps itself off
+    the engine (``suffix``)."""
     host = apache.url(1)
+    release = threading.Event()
+    holder, _ = hold(host, 4000, release, path="/llm/v1/completions", suffix="")
     with ThreadPoolExecutor(1) as pool:
-        started = time.monotonic()
-        long = pool.submit(
-            post, host, {"prompt": "a", "max_tokens": 2000}, "/llm/v1/completions"
-        )
-        time.sleep(0.5)  # the long one has the model by now
-        short = post(host, {"prompt": "b", "max_tokens": 5}, "/compat/v1/completions")
-        finished = time.monotonic()
-        first = long.result()
-        ended = time.monotonic()
-    assert first.status_code == 200 and short.status_code == 200, short.text
-    # One model: the second mount's request waited for the first's generation.
-    # (With a copy of its own it would have finished within milliseconds.)
-    assert finished > started + (ended - started) / 2, (
-        finished - started,
-        ended - started,
-    )
+        body = {"prompt": "b", "max_tokens": 5}
+        short = pool.submit(post, host, body, "/compat/v1/completions")
+        time.sleep(1.0)
+        waited = not short.done()
+        release.set()  # the holder's client leaves; the model is free
+        response = short.result(timeout=120)
+    holder.join(120)
+    assert response.status_code == 200, response.text
+    assert waited, "the second mount answered while the first held the model"
