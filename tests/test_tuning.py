@@ -111,10 +111,11 @@ def test_idle_cores_from_proc_stat(tmp_path: Path) -> None:
     assert tuning.IdleCores(str(tmp_path / "missing"))() is None
 
 
-class Fixed:
+class Fixed(tuning.ThreadTuner):
     """A tuner that always answers *n* threads and keeps what it was told."""
 
     def __init__(self, n: int) -> None:
+        super().__init__(2)
         self.n = n
         self.steps: list[tuple[int, float, float]] = []
         self.pauses = 0

@@ -315,7 +315,6 @@ class Engine:
         self._flag = ctypes.create_string_buffer(2)
         self._callback = _abort_callback()
         self._tuner = ThreadTuner(llama.context_params.n_threads)
-        self._n_threads = 0
         self._pid: int | None = None
         self._closed = False
         self._stopped = native_lock()
@@ -482,10 +481,7 @@ class Engine:
                     self._clear_memory()
                     self.llama.reset()
                     # It runs with the thread count the loop found best.
-                    best = self._tuner.best
-                    if best != self._n_threads:
-                        llama_cpp.llama_set_n_threads(self._ctx, best, best)
-                        self._n_threads = best
+                    self._tuner.apply(self._ctx, self._tuner.best)
                     head.granted = True
                     head._wake()
                     return False
@@ -608,10 +604,7 @@ class Engine:
             chunks.append((sequence, tokens))
             budget -= len(tokens)
 
-        threads = self._tuner.threads()
-        if threads != self._n_threads:
-            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
-            self._n_threads = threads
+        self._tuner.apply(self._ctx)
         self._in_flight = [s for s, _ in chunks]
         self._flag[0] = b"\x00"
         started, cpu = time.perf_counter(), time.process_time()

@@ -41,7 +41,6 @@ class Llama(llama_cpp.Llama):
     cancelled = False
     #: The thread count's tuner when no engine runs this model (it has its own).
     tuner: ThreadTuner | None = None
-    _threads = 0  # what llama.cpp was last told
     _max_tokens: int | None = None
 
     def __init__(self, *args: Any, n_parallel: int = 1, **kwargs: Any) -> None:
@@ -108,17 +107,14 @@ class Llama(llama_cpp.Llama):
         """Decode with the tuner's thread count, timing generation steps for it."""
         tuner = self.tuner
         if tuner is None:
-            return super().eval(tokens)
-        threads = tuner.threads()
-        if threads != self._threads:
-            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
-            self._threads = threads
+            super().eval(tokens)
+            return
+        tuner.apply(self._ctx.ctx)
         started, cpu = time.perf_counter(), time.process_time()
         super().eval(tokens)
         if len(tokens) == 1:
             seconds = time.perf_counter() - started
             tuner.record(1, seconds, time.process_time() - cpu)
-        return None
 
     def _free_sampler(self) -> None:
         """Free llama-cpp-python's sampler chain now, not at the next full GC.

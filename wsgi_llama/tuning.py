@@ -23,6 +23,9 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
 
 log = logging.getLogger("wsgi_llama.tuning")
 
@@ -96,6 +99,7 @@ class ThreadTuner:
         self._wait = {-1: FIRST_WAIT, 1: FIRST_WAIT}
         self._not_before = {-1: 0.0, 1: 0.0}
         self._paused = False
+        self._told = 0  # what llama.cpp's context was last given
         self._restart()
         #: Probes tried and kept, for logs and tests.
         self.probes = 0
@@ -104,6 +108,14 @@ class ThreadTuner:
     def threads(self) -> int:
         """The thread count for the next step."""
         return self._current
+
+    def apply(self, ctx: Any, threads: int | None = None) -> None:
+        """Give llama.cpp's context *threads* (default: :meth:`threads`) if it
+        has another count."""
+        n = self.threads() if threads is None else threads
+        if n != self._told:
+            llama_cpp.llama_set_n_threads(ctx, n, n)
+            self._told = n
 
     def pause(self) -> None:
         """The engine has nothing to do; :meth:`record` resumes."""
