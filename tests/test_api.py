@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp._internals
+import llama_cpp.llama_cpp
 import numpy as np
 import pytest
 from flask import Flask
@@ -433,6 +434,29 @@ def test_cors_allowed_origins(make_app: Callable[..., Flask]) -> None:
     )
     assert other.status_code == 200
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_one_at_a_time_prompt_chunks_end_on_the_kv_padding(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama-cpp-python keeps the prefix a prompt shares with the last one (here
+    only BOS); chunks of 512 from there would end one past each multiple of
+    256, where llama.cpp pads the cells it attends over."""
+    client = make_app(LLAMA_PARALLEL=1, LLAMA_N_CTX=2048).test_client()
+    body = {"prompt": "a" * 1100, "max_tokens": 1}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    spans: list[tuple[int, int]] = []
+    decode = llama_cpp.llama_cpp.llama_decode
+
+    def recording(ctx: Any, batch: Any) -> int:
+        if batch.n_tokens > 1:
+            spans.append((batch.pos[0], batch.pos[batch.n_tokens - 1] + 1))
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", recording)
+    body = {"prompt": "b" * 1100, "max_tokens": 1}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    assert spans == [(1, 512), (512, 1024), (1024, 1101)]
 
 
 def test_one_at_a_time_requests_free_their_sampler_chains(

@@ -219,6 +219,33 @@ def test_next_chat_turn_reuses_the_cached_prefix(batched: Flask) -> None:
     assert engine.stats["reused"] - reused >= first["usage"]["prompt_tokens"]
 
 
+def test_prompt_chunks_after_a_reused_prefix_end_on_the_kv_padding(
+    batched: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the first token (BOS) is shared with the cached prompt. Chunks of
+    # 512 from position 1 would end at 513, 1025, ..., and llama.cpp, which
+    # pads the cells it attends over to a multiple of 256, would go over 255
+    # empty ones in every chunk after the first.
+    engine = engine_of(batched)
+    engine._clear_memory()
+    post(batched, COMPLETIONS, {"prompt": "a" * 1100, "max_tokens": 1})
+    spans: list[tuple[int, int]] = []
+    decode = llama_cpp.llama_decode
+
+    def recording(ctx: Any, batch: Any) -> int:
+        if batch.n_tokens > 1:
+            spans.append((batch.pos[0], batch.pos[batch.n_tokens - 1] + 1))
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    reused = engine.stats["reused"]
+    post(batched, COMPLETIONS, {"prompt": "b" * 1100, "max_tokens": 1})
+    assert engine.stats["reused"] - reused == 1
+    assert spans[0][0] == 1 and spans[-1][1] == 1101
+    assert [end % 256 for _, end in spans[:-1]] == [0] * (len(spans) - 1), spans
+    assert len(spans) == 3  # 511, 512, then the last 77 tokens
+
+
 def test_request_past_the_engine_takes_the_one_at_a_time_path(batched: Flask) -> None:
     engine = engine_of(batched)
     before = engine.stats["exclusive"]

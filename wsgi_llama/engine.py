@@ -41,6 +41,9 @@ log = logging.getLogger("wsgi_llama.engine")
 PREFILL_CHUNK = 128
 #: Steps with at least this many tokens may be cut short for a departed client.
 ABORTABLE = 64
+#: llama.cpp attends over the KV cells up to the last used one, rounded up to
+#: a multiple of this (``llama_kv_cache::get_n_kv``).
+KV_PAD = 256
 
 
 class QueueFull(APIError):
@@ -201,6 +204,18 @@ class _Slot:
 def _partial(detok: Detokenizer) -> bool:
     """Whether *detok* holds the first bytes of a character."""
     return bool(detok._decoder.getstate()[0])
+
+
+def chunk_end(start: int, end: int) -> int:
+    """Where a prompt chunk from *start* should end, given it may reach *end*.
+
+    Back to a multiple of :data:`KV_PAD` when that keeps at least half the
+    chunk: a chunk that ends just past one (say after a reused one-token
+    prefix) makes every later chunk attend over up to 255 empty cells, which
+    made a 1.6k-token prompt 2-5 % slower on Gemma 3 270M.
+    """
+    aligned = end - end % KV_PAD
+    return aligned if 2 * (aligned - start) >= end - start else end
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -596,7 +611,10 @@ class Engine:
             if sequence._pending is not None or budget <= 0:
                 continue
             prompt = sequence.request.prompt
-            tokens = prompt[sequence._n_past : sequence._n_past + budget]
+            end = sequence._n_past + budget
+            if end < len(prompt):
+                end = chunk_end(sequence._n_past, end)
+            tokens = prompt[sequence._n_past : end]
             last = sequence._n_past + len(tokens) == len(prompt)
             row = batch.add(tokens, sequence._n_past, sequence._slot.id, last)
             if last:

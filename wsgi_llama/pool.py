@@ -25,7 +25,7 @@ import numpy as np
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
 from .config import ConfigError, ModelSettings, Settings
-from .engine import Engine, QueueFull
+from .engine import Engine, QueueFull, chunk_end
 from .engine import QueueTimeout as QueueTimeout  # re-exported
 from .errors import APIError
 from .threads import CallQueue, ModelThread
@@ -104,7 +104,21 @@ class Llama(llama_cpp.Llama):
                 self.tuner.pause()
 
     def eval(self, tokens: Sequence[int]) -> None:
-        """Decode with the tuner's thread count, timing generation steps for it."""
+        """Decode with the tuner's thread count, timing generation steps for it.
+
+        A prompt after a reused prefix (llama-cpp-python keeps the one it
+        shares with the last) has its first chunk cut as the engine cuts it
+        (see :func:`.engine.chunk_end`).
+        """
+        start = self.n_tokens
+        if len(tokens) > self.n_batch:
+            first = chunk_end(start, start + self.n_batch) - start
+            if first < self.n_batch:
+                self._eval(tokens[:first])
+                tokens = tokens[first:]
+        self._eval(tokens)
+
+    def _eval(self, tokens: Sequence[int]) -> None:
         tuner = self.tuner
         if tuner is None:
             super().eval(tokens)
