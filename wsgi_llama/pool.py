@@ -24,6 +24,7 @@ import llama_cpp._internals as internals
 import numpy as np
 from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 
+from .alignment import align_work_buffers
 from .config import ConfigError, ModelSettings, Settings
 from .engine import Engine, QueueFull, chunk_end
 from .engine import QueueTimeout as QueueTimeout  # re-exported
@@ -286,6 +287,7 @@ class Model:
             parallel = 1  # llama-cpp-python embeds with a context of its own making
         #: Sequences in the context (LLAMA_PARALLEL as this model got it).
         self.parallel = parallel
+        align_work_buffers()  # before the first decode allocates them
         try:
             self.llama = Llama(
                 model_path=str(settings.path), n_parallel=parallel, **settings.options
