@@ -22,6 +22,7 @@ import logging
 import mmap
 import platform
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("wsgi_llama.alignment")
@@ -61,13 +62,9 @@ def align_work_buffers() -> bool:
 
 def _loaded(name: str) -> tuple[Path, int]:
     """The file of the mapped library whose name starts with *name*, and its base."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or int(fields[2], 16) != 0:
-            continue
-        path = Path(fields[5])
-        if path.name.startswith(name + ".so"):
-            return path, int(fields[0].split("-")[0], 16)
+    for start, _, _, offset, path in _mappings():
+        if offset == 0 and Path(path).name.startswith(name + ".so"):
+            return Path(path), start
     raise LookupError(f"{name} is not loaded")
 
 
@@ -112,9 +109,15 @@ def _import_slot(library: Path, symbol: bytes) -> int:
 
 
 def _writable(address: int) -> bool:
+    return any(
+        start <= address < end and perms[1] == "w"
+        for start, end, perms, _, _ in _mappings()
+    )
+
+
+def _mappings() -> Iterator[tuple[int, int, str, int, str]]:
+    """This process's mappings: start, end, permissions, file offset, path."""
     for line in Path("/proc/self/maps").read_text().splitlines():
-        span, perms = line.split(maxsplit=2)[:2]
+        span, perms, offset, _, _, *path = line.split(maxsplit=5)
         start, end = (int(x, 16) for x in span.split("-"))
-        if start <= address < end:
-            return perms[1] == "w"
-    return False
+        yield start, end, perms, int(offset, 16), path[0] if path else ""
