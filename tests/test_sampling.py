@@ -26,6 +26,7 @@ from wsgi_llama.sampling import (
     SamplingParams,
     StopMatcher,
     _best,
+    _top,
 )
 
 PROMPT = b"The quick brown fox"
@@ -438,6 +439,52 @@ def test_penalties_change_the_distribution(llama: llama_cpp.Llama) -> None:
     assert len(set(runs[1])) > len(set(runs[0]))
     for s in (plain, penalised, decoder):
         s.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_penalised_sampling_leaves_the_row_as_llama_cpp_wrote_it(
+    llama: llama_cpp.Llama, monkeypatch: pytest.MonkeyPatch, temperature: float
+) -> None:
+    """The tokens penalties and bias change are hidden from the search in
+    llama.cpp's own row of logits, then put back: logprobs read it raw."""
+    monkeypatch.setattr(Sampler, "BLOCK", 2)
+
+    def whole_vocabulary(*args: Any) -> int:
+        raise AssertionError("sampled from the whole vocabulary")
+
+    monkeypatch.setattr(llama_cpp, "llama_sampler_sample", whole_vocabulary)
+    params = SamplingParams(
+        seed=2,
+        temperature=temperature,
+        repeat_penalty=1.5,
+        logit_bias={FIRST_BYTE_ID + ord("e"): 3.0},
+    )
+    decoder = Decoder(llama)
+    sampler = Sampler(llama, params)
+    n_vocab = llama.n_vocab()
+    (row,) = decoder.decode([(0, prompt(llama))])
+    for _ in range(12):
+        before = decoder.logits(row, n_vocab)
+        token = sampler.sample(decoder.ctx, row)
+        np.testing.assert_array_equal(decoder.logits(row, n_vocab), before)
+        (row,) = decoder.decode([(0, [token])])
+    sampler.close()
+    decoder.close()
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_top_holds_the_n_best(n: int) -> None:
+    """What the narrow search hands the C samplers: every one of the n best."""
+    rng = np.random.default_rng(n)
+    values = rng.standard_normal(262_151).astype(np.float32)
+    ids = _top(values, n, 512)
+    assert ids is not None
+    assert set(np.argsort(-values, kind="stable")[:n]) <= set(ids.tolist())
+    assert list(ids) == sorted(ids) and len(ids) < 512 * n
+    # NaN or nothing finite: the whole vocabulary decides.
+    values[7] = np.nan
+    assert n > 1 or _top(values, n, 512) is None
+    assert _top(np.full(1000, -np.inf, np.float32), n, 4) is None
 
 
 def test_bad_row_raises_instead_of_aborting(
