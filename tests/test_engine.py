@@ -23,6 +23,8 @@ from flask import Flask
 from test_streaming import check_framing, frames
 from tinymodel import FIRST_BYTE_ID
 
+from wsgi_llama.threads import Signal
+
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 
@@ -244,6 +246,34 @@ def test_prompt_chunks_after_a_reused_prefix_end_on_the_kv_padding(
     assert spans[0][0] == 1 and spans[-1][1] == 1101
     assert [end % 256 for _, end in spans[:-1]] == [0] * (len(spans) - 1), spans
     assert len(spans) == 3  # 511, 512, then the last 77 tokens
+
+
+def test_requests_are_woken_together_just_before_each_decode(
+    batched: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Woken as each token came, a request's thread took the GIL at the loop's
+    # next short call into llama.cpp, and the loop waited for it: the time
+    # between decodes doubled.
+    engine = engine_of(batched)
+    unwoken: list[int] = []
+    together_: list[int] = []
+    decode = llama_cpp.llama_decode
+    set_all = Signal.set_all
+
+    def recording(ctx: Any, batch: Any) -> int:
+        unwoken.append(len(engine._woken))
+        return decode(ctx, batch)
+
+    def counting(signals: list[Signal]) -> None:
+        together_.append(len(signals))
+        set_all(signals)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    monkeypatch.setattr(Signal, "set_all", staticmethod(counting))
+    results = together(*busy(batched, n=3, tokens=40))
+    assert all(r["usage"]["completion_tokens"] > 0 for r in results)
+    assert unwoken and set(unwoken) == {0}
+    assert max(together_) >= 3  # three sequences' tokens, one wake-up call
 
 
 def test_request_past_the_engine_takes_the_one_at_a_time_path(batched: Flask) -> None:

@@ -69,7 +69,8 @@ class QueueTimeout(APIError):
 class _Waiter:
     """Something a request waits on and the loop's thread completes."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._signal = Signal()
         self.enqueued = time.monotonic()
 
@@ -87,8 +88,8 @@ class _Waiter:
         return self.ready()
 
     def _wake(self) -> None:
-        """Called from the loop's thread."""
-        self._signal.set()
+        """Loop's thread only: the waiter is woken at the loop's next pause."""
+        self.engine._woken.append(self._signal)
 
 
 @dataclass
@@ -118,8 +119,7 @@ class Sequence(_Waiter):
     """One request's generation: its handle for the request, its state for the loop."""
 
     def __init__(self, engine: Engine, request: Request) -> None:
-        super().__init__()
-        self.engine = engine
+        super().__init__(engine)
         self.request = request
         self.prompt_tokens = len(request.prompt)
         self.completion_tokens = 0
@@ -176,8 +176,7 @@ class _Gate(_Waiter):
     """A ticket for a request that needs the whole context (not batched)."""
 
     def __init__(self, engine: Engine) -> None:
-        super().__init__()
-        self.engine = engine
+        super().__init__(engine)
         self.granted = False
         self._left = False
 
@@ -247,7 +246,12 @@ class _TokenView(SequenceABC):  # type: ignore[type-arg]
 
 
 class _Batch:
-    """A llama_batch over numpy arrays the engine owns (never llama_batch_free'd)."""
+    """A llama_batch over numpy arrays the engine owns (never llama_batch_free'd).
+
+    Between two decodes every Python operation runs on caches the model's
+    weights have just flushed, several times slower than usual: the struct is
+    built once, and a generating sequence's one token is set element-wise.
+    """
 
     def __init__(self, capacity: int, n_seq: int) -> None:
         self.token = np.zeros(capacity, np.int32)
@@ -255,26 +259,13 @@ class _Batch:
         self.n_seq_id = np.ones(capacity, np.int32)
         self.logits = np.zeros(capacity, np.int8)
         self._ids = np.arange(n_seq, dtype=np.int32)
+        self._ids_at = self._ids.ctypes.data
         self.seq_ptr = np.zeros(capacity, np.uintp)
         self.n = 0
         self.capacity = capacity
-
-    def add(self, tokens: list[int], pos: int, seq_id: int, output_last: bool) -> int:
-        """Append *tokens* of one sequence; return the row of the last one."""
-        a, b = self.n, self.n + len(tokens)
-        self.token[a:b] = tokens
-        self.pos[a:b] = np.arange(pos, pos + len(tokens), dtype=np.int32)
-        self.seq_ptr[a:b] = self._ids.ctypes.data + 4 * seq_id
-        self.logits[a:b] = 0
-        if output_last:
-            self.logits[b - 1] = 1
-        self.n = b
-        return b - 1
-
-    def struct(self) -> llama_cpp.llama_batch:
         i32 = ctypes.POINTER(ctypes.c_int32)
-        return llama_cpp.llama_batch(
-            n_tokens=self.n,
+        self._struct = llama_cpp.llama_batch(
+            n_tokens=0,
             token=self.token.ctypes.data_as(i32),
             embd=None,
             pos=self.pos.ctypes.data_as(i32),
@@ -282,6 +273,29 @@ class _Batch:
             seq_id=ctypes.cast(self.seq_ptr.ctypes.data, ctypes.POINTER(i32)),
             logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
+
+    def add(self, tokens: list[int], pos: int, seq_id: int, output_last: bool) -> int:
+        """Append *tokens* of one sequence; return the row of the last one."""
+        a, b = self.n, self.n + len(tokens)
+        if b - a == 1:
+            self.token[a] = tokens[0]
+            self.pos[a] = pos
+            self.seq_ptr[a] = self._ids_at + 4 * seq_id
+            self.logits[a] = output_last
+        else:
+            self.token[a:b] = tokens
+            self.pos[a:b] = np.arange(pos, pos + len(tokens), dtype=np.int32)
+            self.seq_ptr[a:b] = self._ids_at + 4 * seq_id
+            self.logits[a:b] = 0
+            if output_last:
+                self.logits[b - 1] = 1
+        self.n = b
+        return b - 1
+
+    def struct(self) -> llama_cpp.llama_batch:
+        """The batch of the tokens added since ``n`` was last set to 0."""
+        self._struct.n_tokens = self.n
+        return self._struct
 
 
 def _abort_callback() -> Any:
@@ -317,6 +331,7 @@ class Engine:
         self.n_batch = llama.n_batch
         self._ctx = llama._ctx.ctx
         self._vocab = llama._model.vocab
+        self.n_vocab = llama.n_vocab()
         self._n_swa = max(1, llama_cpp.llama_model_n_swa(llama._model.model))
         self._lock = native_lock()
         self._wakeup = native_lock()
@@ -327,7 +342,15 @@ class Engine:
         self._gate: _Gate | None = None
         self._batch = _Batch(self.n_batch, n_parallel)
         self._in_flight: list[Sequence] = []
+        #: Signals to set at the loop's next pause (see _wake_all).
+        self._woken: list[Signal] = []
         self._flag = ctypes.create_string_buffer(2)
+        # llama_get_logits returning the address as an int, not a pointer.
+        self._get_logits = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
+            ctypes.cast(llama_cpp.llama_get_logits, ctypes.c_void_p).value
+        )
+        self._logits_at: int | None = None
+        self._logits_view = np.empty((0, self.n_vocab), np.float32)
         self._callback = _abort_callback()
         self._tuner = ThreadTuner(llama.context_params.n_threads)
         self._pid: int | None = None
@@ -446,12 +469,27 @@ class Engine:
                         self._step()
                     else:
                         self._tuner.pause()
+                        self._wake_all()
                         self._wakeup.acquire(timeout=self._idle_timeout())
                 except Exception:
                     log.exception("engine step failed")
                     self._fail_all(APIError("The model failed; try again.", 500))
         finally:
+            self._wake_all()
             self._stopped.release()
+
+    def _wake_all(self) -> None:
+        """Wake the requests that have something new, all at once.
+
+        Called just before the loop lets go of the GIL for long (a decode, a
+        sleep). Woken earlier, a request's thread or the gevent hub would
+        take the GIL at the loop's next short call into llama.cpp and run its
+        own Python while the loop waits: that doubled the time between
+        decodes.
+        """
+        if self._woken:
+            woken, self._woken = self._woken, []
+            Signal.set_all(woken)
 
     def _idle_timeout(self) -> float:
         """How long the idle loop may sleep: until the first queue deadline."""
@@ -625,6 +663,7 @@ class Engine:
         self._tuner.apply(self._ctx)
         self._in_flight = [s for s, _ in chunks]
         self._flag[0] = b"\x00"
+        self._wake_all()
         started, cpu = time.perf_counter(), time.process_time()
         status = llama_cpp.llama_decode(self._ctx, batch.struct())
         if status == 0 and len(chunks) == len(generating):
@@ -645,11 +684,12 @@ class Engine:
             if sequence._pending is not None:
                 sequence._generated.append(sequence._pending)
                 sequence._pending = None
-        for sequence, row in rows:
+        logits = self._logits(len(rows)) if rows else self._logits_view
+        for output, (sequence, row) in enumerate(rows):
             if sequence.cancelled:
                 continue
             try:
-                self._sample(sequence, row)
+                self._sample(sequence, row, logits[output])
             except Exception as exc:
                 log.exception("sampling failed")
                 self._retire(
@@ -686,11 +726,28 @@ class Engine:
         for sequence, _ in chunks:
             self._retire(sequence, None, error=error, drop=True)
 
-    def _sample(self, sequence: Sequence, row: int) -> None:
+    def _logits(self, n_outputs: int) -> np.ndarray:
+        """The last decode's logits, a row per output in the batch's order.
+
+        One call into llama.cpp for the step rather than one per sequence,
+        and the array over its buffer is made again only when llama.cpp has
+        moved the buffer (it grows it, never shrinks it).
+        """
+        address = self._get_logits(self._ctx)
+        if not address or not n_outputs:
+            raise ValueError("the last decode kept no logits")
+        view = self._logits_view
+        if address != self._logits_at or len(view) < n_outputs:
+            buffer = (ctypes.c_float * (n_outputs * self.n_vocab)).from_address(address)
+            view = np.frombuffer(buffer, np.float32).reshape(n_outputs, self.n_vocab)
+            self._logits_at, self._logits_view = address, view
+        return view
+
+    def _sample(self, sequence: Sequence, row: int, values: np.ndarray) -> None:
         request = sequence.request
         sampler = sequence._sampler
         assert sampler is not None and sequence._detok is not None
-        token = sampler.sample(self._ctx, row)
+        token = sampler.sample(self._ctx, row, values)
         if sequence.first_token_at is None:
             sequence.first_token_at = time.monotonic()
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
@@ -699,7 +756,7 @@ class Engine:
         sequence.completion_tokens += 1
         logprob = top = None
         if request.params.logprobs is not None:
-            found = sampler.logprobs(self._ctx, row, token)
+            found = sampler.logprobs(self._ctx, row, token, values)
             if found is not None:
                 logprob, ids = found
                 top = {self._piece(i): lp for i, lp in ids.items()}

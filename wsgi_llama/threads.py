@@ -133,11 +133,28 @@ class Signal:
         else:
             self._loop.run_callback_threadsafe(self._event.set)
 
+    @staticmethod
+    def set_all(signals: list[Signal]) -> None:
+        """Set *signals*, with one wake-up call per hub rather than one each."""
+        hubs: dict[Any, list[Any]] = {}
+        for signal in signals:
+            if signal._loop is None:
+                signal._event.set()
+            else:
+                hubs.setdefault(signal._loop, []).append(signal._event)
+        for loop, events in hubs.items():
+            loop.run_callback_threadsafe(_set_events, events)
+
     def clear(self) -> None:
         self._event.clear()
 
     def wait(self, timeout: float | None = None) -> None:
         self._event.wait(timeout)
+
+
+def _set_events(events: list[Any]) -> None:
+    for event in events:
+        event.set()
 
 
 class Call(Generic[T]):
