@@ -477,10 +477,12 @@ def test_top_holds_the_n_best(n: int) -> None:
     """What the narrow search hands the C samplers: every one of the n best."""
     rng = np.random.default_rng(n)
     values = rng.standard_normal(262_151).astype(np.float32)
+    values[-1] = 9.0  # in the last block, shorter than the others
     ids = _top(values, n, 512)
     assert ids is not None
     assert set(np.argsort(-values, kind="stable")[:n]) <= set(ids.tolist())
     assert list(ids) == sorted(ids) and len(ids) < 512 * n
+    assert ids[-1] == len(values) - 1
     # NaN or nothing finite: the whole vocabulary decides.
     values[7] = np.nan
     assert n > 1 or _top(values, n, 512) is None
