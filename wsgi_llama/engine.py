@@ -734,7 +734,7 @@ class Engine:
         moved the buffer (it grows it, never shrinks it).
         """
         address = self._get_logits(self._ctx)
-        if not address or not n_outputs:
+        if not address:
             raise ValueError("the last decode kept no logits")
         view = self._logits_view
         if address != self._logits_at or len(view) < n_outputs:
