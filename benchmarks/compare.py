@@ -502,7 +502,7 @@ def measure_rep(
         f"turn 2 {_ms(figures['chat_ttft_2'])} ms"
     )
 
-    figures.update(burst(client, url, plan))
+    figures.update(burst(client, url, plan, first=rep * plan.burst))
     log(
         f"{name}: {plan.burst} short requests at once: {figures['burst_served']} "
         f"served, {figures['burst_refused']} refused, {figures['burst_failed']} "
@@ -539,12 +539,18 @@ def chat(
     return {"chat_ttft_1": one.get("ttft"), "chat_ttft_2": two.get("ttft")}
 
 
-def burst(client: httpx.Client, url: str, plan: Plan) -> dict[str, Any]:
-    """plan.burst short completions at once, not streamed."""
+def burst(client: httpx.Client, url: str, plan: Plan, first: int = 0) -> dict[str, Any]:
+    """plan.burst short completions at once, not streamed.
+
+    The guests are numbered from *first*: every rep must send prompts the
+    server has not seen, or a server with a prompt cache (llama.cpp's keeps
+    8 GiB of them in RAM) skips most of each prompt from the second rep on.
+    Every server gets the same numbers, so the same prompts.
+    """
 
     def one(i: int) -> int:
         body = {
-            "prompt": f"Guest {i} knocks at the door. The host says",
+            "prompt": f"Guest {first + i} knocks at the door. The host says",
             "max_tokens": plan.burst_tokens,
             "temperature": 0,
         }
