@@ -27,7 +27,11 @@ Each server runs alone (start, measure, stop), behind the OpenAI HTTP API
 Every rep of a server is paired with llama-cpp-python in-process (a child
 process holding its own ``Llama``, wsgi-llama's settings: every core,
 ``logits_all`` off): the same stream and the same long prompt, run just
-before the server's, since this machine's speed drifts. Figures, per rep:
+before the server's, since this machine's speed drifts. The batched walls
+(4 and 8 streams, the 200) are paired the same way with ``BareBatching``:
+the same prompts decoded by a bare continuous-batching loop on llama.cpp's
+C API in a second child, as many sequences per step as ``--parallel``.
+Figures, per rep:
 
 - time to first token and stream tokens/s (tokens after the first over the
   time from the first to the last) of one stream after a short prompt;
@@ -339,15 +343,28 @@ class WsgiLlama:
 
 
 class Direct:
-    """llama-cpp-python in-process, in a child process of its own (its own RSS)."""
+    """llama-cpp-python in-process, in a child process of its own (its own RSS).
+
+    :meth:`batch` runs :class:`BareBatching` in a second child, started on
+    first use, so that this one's RSS stays that of a plain ``Llama``.
+    """
 
     def __init__(self, model: Path) -> None:
+        self.model = model
+        self.bare: Direct | None = None
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--direct-child", str(model)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
+
+    def batch(self, prompts: list[str], max_tokens: int, parallel: int) -> float:
+        """Wall time of *prompts* batched *parallel* at a time, in-process."""
+        if self.bare is None:
+            self.bare = Direct(self.model)
+        job = {"prompts": prompts, "max_tokens": max_tokens, "parallel": parallel}
+        return float(self.bare.call(op="batch", **job)["wall"])
 
     def call(self, **job: Any) -> dict[str, Any]:
         assert self.process.stdin and self.process.stdout
@@ -359,29 +376,44 @@ class Direct:
         return json.loads(line)
 
     def stop(self) -> None:
+        if self.bare is not None:
+            self.bare.stop()
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
 
 
 def direct_child(model: str) -> None:
-    """Serve Direct.call: stream a completion in this process and time it."""
+    """Serve Direct.call: stream a completion in this process and time it.
+
+    ``op="batch"`` runs :class:`BareBatching` instead; a child used for it
+    should do nothing else, so that the other's RSS stays llama-cpp-python's.
+    """
     import llama_cpp
 
     n = cores()
-    llama = llama_cpp.Llama(
-        model_path=model,
-        n_ctx=2048,
-        n_threads=n,
-        n_threads_batch=n,
-        logits_all=False,
-        verbose=False,
-    )
+    llama: llama_cpp.Llama | None = None
+    bare: BareBatching | None = None
     for line in sys.stdin:
         job = json.loads(line)
         if job["op"] == "rss":
             result: dict[str, Any] = {"rss": vm_hwm(os.getpid())}
+        elif job["op"] == "batch":
+            if bare is None or bare.parallel != job["parallel"]:
+                if bare is not None:
+                    bare.close()
+                bare = BareBatching(model, job["parallel"])
+            result = bare.run(job["prompts"], job["max_tokens"])
         else:
+            if llama is None:
+                llama = llama_cpp.Llama(
+                    model_path=model,
+                    n_ctx=2048,
+                    n_threads=n,
+                    n_threads_batch=n,
+                    logits_all=False,
+                    verbose=False,
+                )
             start = time.perf_counter()
             times = []
             for chunk in llama.create_completion(
@@ -395,6 +427,106 @@ def direct_child(model: str) -> None:
             if len(times) > 1:
                 result["tok_s"] = (len(times) - 1) / (times[-1] - times[0])
         print(json.dumps(result), flush=True)
+
+
+class BareBatching:
+    """Continuous batching on llama.cpp's C API and nothing else: the floor.
+
+    *parallel* sequences share each ``llama_decode``; a sequence takes the
+    next prompt as soon as it ends; tokens are the argmax of the logits (what
+    temperature 0 gives) and nothing stops a sequence before *max_tokens*.
+    No HTTP, no sampler chain, no detokenizing: a server's wall time over this
+    one's, paired, is what serving costs on top of llama.cpp's own work, with
+    the machine's drift between servers taken out.
+    """
+
+    def __init__(self, model: str, parallel: int) -> None:
+        import llama_cpp
+
+        self.lib = llama_cpp
+        self.parallel = parallel
+        # Quiet, as Llama(verbose=False) is: llama.cpp logs every tensor.
+        self._quiet = llama_cpp.llama_log_callback(lambda *_: None)
+        llama_cpp.llama_log_set(self._quiet, None)
+        self.model = llama_cpp.llama_model_load_from_file(
+            model.encode(), llama_cpp.llama_model_default_params()
+        )
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = 2048
+        params.n_batch = params.n_ubatch = 512
+        params.n_seq_max = parallel
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = cores()
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        buffer = (self.lib.llama_token * (len(data) + 8))()
+        n = self.lib.llama_tokenize(
+            self.vocab, data, len(data), buffer, len(buffer), True, False
+        )
+        return list(buffer[:n])
+
+    def run(self, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+        import numpy as np
+
+        lib, batch = self.lib, self.batch
+        memory = lib.llama_get_memory(self.ctx)
+        lib.llama_memory_clear(memory, True)
+        waiting = [self.tokenize(p) for p in prompts]
+        waiting.reverse()
+        # Per sequence id: [prompt, tokens decoded, next token or None, made].
+        seqs: list[list[Any] | None] = [None] * self.parallel
+        made = 0
+        start = time.perf_counter()
+        while waiting or any(seqs):
+            for i in range(self.parallel):
+                if seqs[i] is None and waiting:
+                    seqs[i] = [waiting.pop(), 0, None, 0]
+            n, rows = 0, []
+            for i, seq in enumerate(seqs):
+                if seq is None:
+                    continue
+                if seq[2] is not None:
+                    todo = [seq[2]]
+                else:
+                    todo = seq[0][seq[1] : seq[1] + 512 - n - self.parallel]
+                last = seq[2] is not None or seq[1] + len(todo) == len(seq[0])
+                for j, token in enumerate(todo):
+                    batch.token[n] = token
+                    batch.pos[n] = seq[1] + j
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = i
+                    batch.logits[n] = last and j == len(todo) - 1
+                    n += 1
+                seq[1] += len(todo)
+                if last:
+                    rows.append(i)
+            batch.n_tokens = n
+            if lib.llama_decode(self.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            logits = np.ctypeslib.as_array(
+                lib.llama_get_logits(self.ctx), shape=(len(rows), self.n_vocab)
+            )
+            for row, i in enumerate(rows):
+                seq = seqs[i]
+                assert seq is not None
+                seq[2] = int(logits[row].argmax())
+                seq[3] += 1
+                made += 1
+                if seq[3] == max_tokens:
+                    lib.llama_memory_seq_rm(memory, i, -1, -1)
+                    seqs[i] = None
+        return {"wall": time.perf_counter() - start, "tokens": made}
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
 
 
 def _tail(log: Path, lines: int = 30) -> str:
@@ -418,6 +550,8 @@ class Plan:
         self.hog_window = 8.0 if args.quick else 15.0
         self.burst = 200
         self.burst_tokens = 8
+        #: Sequences per step: llama.cpp's server's and the bare reference's.
+        self.parallel = args.llama_server_parallel
 
 
 def measure_server(
@@ -487,6 +621,7 @@ def measure_rep(
 
     for n in (4, 8):
         texts = [prompts.stream(i) for i in range(n)]
+        figures[f"direct_streams_{n}"] = direct.batch(texts, 48, plan.parallel)
         results, wall = together(n, lambda i, t=texts: stream(client, url, t[i], 48))
         done = [r for r in results if isinstance(r, dict) and r.get("tokens") == 48]
         figures[f"streams_{n}"] = wall
@@ -494,7 +629,10 @@ def measure_rep(
         figures[f"streams_{n}_tokens"] = sum(
             r.get("tokens", 0) for r in results if isinstance(r, dict)
         )
-        log(f"{name}: {n} x 48-token streams in {wall:.2f} s, {len(done)} complete")
+        log(
+            f"{name}: {n} x 48-token streams in {wall:.2f} s, {len(done)} complete "
+            f"(in-process batched {figures[f'direct_streams_{n}']:.2f} s)"
+        )
 
     figures.update(chat(client, url, prompts, plan))
     log(
@@ -502,11 +640,14 @@ def measure_rep(
         f"turn 2 {_ms(figures['chat_ttft_2'])} ms"
     )
 
-    figures.update(burst(client, url, plan, first=rep * plan.burst))
+    texts = guests(rep * plan.burst, plan.burst)
+    figures["direct_burst_wall"] = direct.batch(texts, plan.burst_tokens, plan.parallel)
+    figures.update(burst(client, url, plan, texts))
     log(
         f"{name}: {plan.burst} short requests at once: {figures['burst_served']} "
         f"served, {figures['burst_refused']} refused, {figures['burst_failed']} "
-        f"failed, {figures['burst_wall']:.2f} s"
+        f"failed, {figures['burst_wall']:.2f} s (in-process batched "
+        f"{figures['direct_burst_wall']:.2f} s)"
     )
 
     figures.update(hogged(client, url, prompts, plan))
@@ -539,18 +680,25 @@ def chat(
     return {"chat_ttft_1": one.get("ttft"), "chat_ttft_2": two.get("ttft")}
 
 
-def burst(client: httpx.Client, url: str, plan: Plan, first: int = 0) -> dict[str, Any]:
-    """plan.burst short completions at once, not streamed.
+def guests(first: int, n: int) -> list[str]:
+    """The burst's prompts, numbered from *first*.
 
-    The guests are numbered from *first*: every rep must send prompts the
-    server has not seen, or a server with a prompt cache (llama.cpp's keeps
-    8 GiB of them in RAM) skips most of each prompt from the second rep on.
-    Every server gets the same numbers, so the same prompts.
+    Every rep must send prompts the server has not seen, or a server with a
+    prompt cache (llama.cpp's keeps 8 GiB of them in RAM) skips most of each
+    prompt from the second rep on. Every server gets the same numbers, so the
+    same prompts.
     """
+    return [f"Guest {first + i} knocks at the door. The host says" for i in range(n)]
+
+
+def burst(
+    client: httpx.Client, url: str, plan: Plan, texts: list[str]
+) -> dict[str, Any]:
+    """The *texts* as short completions all at once, not streamed."""
 
     def one(i: int) -> int:
         body = {
-            "prompt": f"Guest {first + i} knocks at the door. The host says",
+            "prompt": texts[i],
             "max_tokens": plan.burst_tokens,
             "temperature": 0,
         }
@@ -559,7 +707,7 @@ def burst(client: httpx.Client, url: str, plan: Plan, first: int = 0) -> dict[st
             return 200
         return response.status_code
 
-    results, wall = together(plan.burst, one)
+    results, wall = together(len(texts), one)
     served = sum(1 for r in results if r == 200)
     refused = sum(1 for r in results if r in (429, 503))
     failures = [r for r in results if r not in (200, 429, 503)]
@@ -658,12 +806,16 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "ttft", "tok_s", "prefill", "streams_4", "streams_8", "burst_served",
         "burst_refused", "burst_failed", "burst_wall", "hog_tok_s", "chat_ttft_1",
         "chat_ttft_2", "direct_ttft", "direct_tok_s", "direct_prefill",
+        "direct_streams_4", "direct_streams_8", "direct_burst_wall",
     ]  # fmt: skip
     summary = {key: _median(result, key) for key in keys}
     pairs = {
         "ttft_minus_direct": ("ttft", "direct_ttft", lambda a, b: a - b),
         "tok_s_over_direct": ("tok_s", "direct_tok_s", lambda a, b: a / b),
         "prefill_over_direct": ("prefill", "direct_prefill", lambda a, b: a / b),
+        "streams_4_over_direct": ("streams_4", "direct_streams_4", lambda a, b: a / b),
+        "streams_8_over_direct": ("streams_8", "direct_streams_8", lambda a, b: a / b),
+        "burst_over_direct": ("burst_wall", "direct_burst_wall", lambda a, b: a / b),
         "hog_over_quiet": ("hog_tok_s", "tok_s", lambda a, b: a / b),
         "chat_turn2_over_turn1": ("chat_ttft_2", "chat_ttft_1", lambda a, b: a / b),
     }
@@ -681,9 +833,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets for wsgi-llama; None where a reference is missing.
 
-    Speeds are compared as ratios to the in-process run paired with each rep,
-    so the machine's drift between servers cancels out; wall times, counts
-    and memory are compared as measured.
+    Speeds and batched wall times are compared as ratios to the in-process
+    run paired with each rep (:class:`BareBatching` for the walls), so the
+    machine's drift between servers cancels out; counts and memory are
+    compared as measured.
     """
     ours = results.get("wsgi-llama", {}).get("summary")
     ref = results.get("llama.cpp", {}).get("summary")
@@ -701,18 +854,21 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return f"{_f(mine, 2)} vs {_f(theirs, 2)}", met
 
     rows = []
+    batched = "(ratio to in-process batched)"
     for n in (4, 8):
-        value, met = vs_ref(f"streams_{n}", 1.0, "low")
+        value, met = vs_ref(f"streams_{n}_over_direct", 1.0, "low")
         rows.append(
-            check(f"{n} x 48-token streams", "wall <= llama.cpp's (s)", value, met)
+            check(
+                f"{n} x 48-token streams", f"wall <= llama.cpp's {batched}", value, met
+            )
         )
-    value, met = vs_ref("burst_wall", 1.0, "low")
+    value, met = vs_ref("burst_over_direct", 1.0, "low")
     served = ours["burst_served"]
     all_served = served is not None and served >= 200
     rows.append(
         check(
             "200 short requests at once",
-            "200 served, wall <= llama.cpp's (s)",
+            f"200 served, wall <= llama.cpp's {batched}",
             f"{_f(served, 0)} served; {value}",
             None if served is None else (met if all_served else False),
         )
@@ -816,10 +972,13 @@ def table(results: dict[str, dict[str, Any]], direct: dict[str, Any]) -> str:
         ("  in-process paired (tok/s)", lambda n: _cell(data[n], "direct_tok_s", 1)),
         ("prefill ~1.6k tokens (s)", lambda n: _cell(data[n], "prefill", 2)),
         ("4 x 48-token streams (s)", lambda n: _cell(data[n], "streams_4", 2)),
+        ("  in-process batched paired (s)", lambda n: _paired(data[n], "streams_4")),
         ("8 x 48-token streams (s)", lambda n: _cell(data[n], "streams_8", 2)),
+        ("  in-process batched paired (s)", lambda n: _paired(data[n], "streams_8")),
         ("200 at once: served", lambda n: _cell(data[n], "burst_served", 0)),
         ("200 at once: refused", lambda n: _cell(data[n], "burst_refused", 0)),
         ("200 at once: wall (s)", lambda n: _cell(data[n], "burst_wall", 2)),
+        ("  in-process batched paired (s)", lambda n: _paired(data[n], "burst_wall")),
         ("with a CPU hog (tok/s)", lambda n: _cell(data[n], "hog_tok_s", 1)),
         ("chat turn 1 TTFT (ms)", lambda n: _cell(data[n], "chat_ttft_1", 0, 1000)),
         ("chat turn 2 TTFT (ms)", lambda n: _cell(data[n], "chat_ttft_2", 0, 1000)),
@@ -832,6 +991,12 @@ def table(results: dict[str, dict[str, Any]], direct: dict[str, Any]) -> str:
     for label, cell in rows:
         lines.append(f"{label:{width}}" + "".join(f"{cell(c):>{col}}" for c in columns))
     return "\n".join(lines)
+
+
+def _paired(result: dict[str, Any], key: str) -> str:
+    """The paired in-process batched wall of *key*; "-" for in-process itself."""
+    direct = "direct_burst_wall" if key == "burst_wall" else f"direct_{key}"
+    return _cell(result, direct, 2) if _values(result, direct) else "-"
 
 
 def _pings(result: dict[str, Any]) -> str:
