@@ -235,6 +235,12 @@ def main() -> None:
     parser.add_argument("--report", type=float, default=60, help="seconds per line")
     parser.add_argument("--threads", default="1", help="LLAMA_N_THREADS")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prompt-cache-mb",
+        default="0",
+        help="LLAMA_PROMPT_CACHE_MB (default 0: the cache grows to its bound "
+        "by design; off, growth is a leak)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,6 +250,7 @@ def main() -> None:
             "LLAMA_N_CTX": "4096",
             "LLAMA_N_THREADS": args.threads,
             "LLAMA_PING_INTERVAL": "1",
+            "LLAMA_PROMPT_CACHE_MB": args.prompt_cache_mb,
         }
         server = Server(env, Path(tmp) / "gunicorn.log", "-w", str(args.workers))
         try:

@@ -23,6 +23,7 @@ from flask import Flask
 from test_streaming import check_framing, frames
 from tinymodel import FIRST_BYTE_ID
 
+from wsgi_llama.prompt_cache import common_prefix
 from wsgi_llama.threads import Signal
 
 COMPLETIONS = "/v1/completions"
@@ -219,6 +220,40 @@ def test_next_chat_turn_reuses_the_cached_prefix(batched: Flask) -> None:
     post(batched, CHAT, {"messages": messages, "max_tokens": 5})
     # The whole first turn was in a slot's cache: prompt and answer.
     assert engine.stats["reused"] - reused >= first["usage"]["prompt_tokens"]
+
+
+def test_a_prompt_whose_cells_went_to_others_comes_back_from_the_prompt_cache(
+    make_app: Callable[..., Flask],
+) -> None:
+    # Two sequences: after two other prompts, the first one's cells have gone
+    # to the second of them. A prompt that starts with it must not evaluate
+    # it all again, and must read what an engine that kept the cells would.
+    cached = make_app(LLAMA_PARALLEL=2, LLAMA_N_CTX=2048)
+    kept = make_app(LLAMA_PARALLEL=2, LLAMA_N_CTX=2048, LLAMA_PROMPT_CACHE_MB=0)
+    first = {"prompt": "A conversation that goes on. " * 10, "max_tokens": 16}
+    first["temperature"] = 0
+    turn = [post(app, COMPLETIONS, first) for app in (cached, kept)]
+    assert text(turn[0]) == text(turn[1])
+    for other in ("Something else entirely. ", "A third matter, unrelated. "):
+        post(cached, COMPLETIONS, {"prompt": other * 8, "max_tokens": 4})
+    engine = engine_of(cached)
+    assert engine.cache is not None and len(engine.cache) >= 1
+    tokens = engine.llama.tokenize(first["prompt"].encode())
+    held = [common_prefix(slot.tokens, tokens) for slot in engine._slots]
+    assert max(held) < len(tokens), "the first prompt is still in a sequence"
+    restored = engine.stats["restored"]
+    # The first prompt again with another ending: what the cache holds after
+    # it (the first answer) must be dropped.
+    second = {"prompt": first["prompt"] + "Or not.", "max_tokens": 16}
+    second.update(temperature=0, logprobs=2)
+    again = [post(app, COMPLETIONS, second) for app in (cached, kept)]
+    assert engine.stats["restored"] - restored >= turn[0]["usage"]["prompt_tokens"]
+    assert engine_of(kept).stats["restored"] == 0
+    assert text(again[0]) == text(again[1])
+    # Logits tell what the text may not: the tiny model's top token is sure.
+    cells, recomputed = (r["choices"][0]["logprobs"]["token_logprobs"] for r in again)
+    assert cells == pytest.approx(recomputed, abs=1e-4)
+    assert engine_of(kept).cache is None
 
 
 def test_prompt_chunks_after_a_reused_prefix_end_on_the_kv_padding(

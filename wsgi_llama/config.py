@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "LLAMA_PARALLEL": 8,
     "LLAMA_QUEUE_SIZE": 256,
     "LLAMA_QUEUE_TIMEOUT": 600.0,
+    "LLAMA_PROMPT_CACHE_MB": 256.0,
     "LLAMA_CORS_ORIGINS": None,
     "LLAMA_PLAYGROUND": True,
     "LLAMA_METRICS": True,
@@ -56,9 +57,9 @@ _UNSUPPORTED_MODEL_KEYS = {
     "clip_model_path": "multimodal models are not supported yet",
     "draft_model": "speculative decoding is not supported yet",
     "draft_model_num_pred_tokens": "speculative decoding is not supported yet",
-    "cache": "the prompt cache is not supported yet",
-    "cache_type": "the prompt cache is not supported yet",
-    "cache_size": "the prompt cache is not supported yet",
+    "cache": "the prompt cache is on by default: size it with LLAMA_PROMPT_CACHE_MB",
+    "cache_type": "the prompt cache is kept in RAM: size it with LLAMA_PROMPT_CACHE_MB",
+    "cache_size": "set LLAMA_PROMPT_CACHE_MB instead (megabytes, 0 turns it off)",
     "chat_template_kwargs": "not supported yet",
 }
 
@@ -97,6 +98,8 @@ class Settings:
     metrics_auth: bool = True
     #: Sequences each model generates at once (1: one request at a time).
     parallel: int = 1
+    #: Bytes of host memory each batching model keeps finished prompts in.
+    prompt_cache: int = 256 << 20
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -224,6 +227,10 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         metrics=_flag(config.get("LLAMA_METRICS"), "LLAMA_METRICS"),
         metrics_auth=_flag(config.get("LLAMA_METRICS_AUTH"), "LLAMA_METRICS_AUTH"),
         parallel=_integer(config.get("LLAMA_PARALLEL"), "LLAMA_PARALLEL", 1),
+        prompt_cache=int(
+            _number(config.get("LLAMA_PROMPT_CACHE_MB"), "LLAMA_PROMPT_CACHE_MB")
+            * 2**20
+        ),
     )
 
 

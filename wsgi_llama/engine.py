@@ -30,6 +30,7 @@ import llama_cpp
 import numpy as np
 
 from .errors import APIError
+from .prompt_cache import PromptCache, common_prefix
 from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
 from .threads import CallQueue, Signal, native_lock, start_native_thread
 from .tuning import ThreadTuner
@@ -41,6 +42,9 @@ log = logging.getLogger("wsgi_llama.engine")
 PREFILL_CHUNK = 128
 #: Steps with at least this many tokens may be cut short for a departed client.
 ABORTABLE = 64
+#: Sequences shorter than this are not saved in the prompt cache: evaluating
+#: them again costs about what copying them back would.
+CACHE_MIN = 64
 #: llama.cpp attends over the KV cells up to the last used one, rounded up to
 #: a multiple of this (``llama_kv_cache::get_n_kv``).
 KV_PAD = 256
@@ -217,14 +221,6 @@ def chunk_end(start: int, end: int) -> int:
     return aligned if 2 * (aligned - start) >= end - start else end
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class _TokenView(SequenceABC):  # type: ignore[type-arg]
     """Prompt and generated tokens as one sequence, for stopping criteria."""
 
@@ -321,6 +317,7 @@ class Engine:
         n_parallel: int,
         queue_size: int,
         queue_timeout: float,
+        prompt_cache: int = 0,
     ) -> None:
         self.llama = llama
         self.alias = alias
@@ -358,8 +355,16 @@ class Engine:
         self._stopped = native_lock()
         #: Calls of requests that hold the whole context, run by the loop.
         self.calls = CallQueue(self._call_waiting)
+        #: Finished sequences' cells, in host memory (bytes; 0: none kept).
+        self.cache = PromptCache(prompt_cache) if prompt_cache > 0 else None
         #: Counters for logs and metrics.
-        self.stats = {"batched": 0, "exclusive": 0, "aborted_steps": 0, "reused": 0}
+        self.stats = {
+            "batched": 0,
+            "exclusive": 0,
+            "aborted_steps": 0,
+            "reused": 0,
+            "restored": 0,
+        }
 
     # --- the requests' side ----------------------------------------------------
 
@@ -396,6 +401,14 @@ class Engine:
         self._start()
         self._poke()
         return gate
+
+    def keep_prompts(self, capacity: int) -> None:
+        """Let the prompt cache hold at least *capacity* bytes."""
+        if self.cache is None:
+            if capacity > 0:
+                self.cache = PromptCache(capacity)
+        else:
+            self.cache.capacity = max(self.cache.capacity, capacity)
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -531,6 +544,8 @@ class Engine:
                         break
                     self._waiting.popleft()
                     self._gate = head
+                    for slot in self._slots:
+                        self._save(slot)
                     self._clear_memory()
                     self.llama.reset()
                     # It runs with the thread count the loop found best.
@@ -567,7 +582,7 @@ class Engine:
             for s in self._active
         )
         used += sum(len(s.request.prompt) + 64 for s, _ in starting)
-        keep = _common_prefix(slot.tokens, request.prompt)
+        keep = common_prefix(slot.tokens, request.prompt)
         need = len(request.prompt) - keep + min(request.max_tokens or 64, 64)
         return used + need <= self.n_ctx
 
@@ -575,7 +590,7 @@ class Engine:
         free = [slot for slot in self._slots if slot.owner is None]
         if not free:
             return None
-        return max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.used))
+        return max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
 
     def _clear_memory(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
@@ -587,18 +602,19 @@ class Engine:
         request = sequence.request
         prompt = request.prompt
         memory = llama_cpp.llama_get_memory(self._ctx)
-        keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        held = keep
+        if self.cache is not None:
+            keep = self._restore(slot, prompt, keep)
         if keep > 0:
             pos_min = llama_cpp.llama_memory_seq_pos_min(memory, slot.id)
             # A sliding-window cache may have dropped cells the prefix needs.
             if pos_min < 0 or pos_min > max(0, keep - self._n_swa):
                 keep = 0
-        if keep < len(slot.tokens):
-            if not llama_cpp.llama_memory_seq_rm(memory, slot.id, keep, -1):
-                llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
-                keep = 0
-            slot.tokens = slot.tokens[:keep]
-        self.stats["reused"] += keep
+        self._drop(slot, keep)
+        if keep > held:
+            self.stats["restored"] += keep
+        self.stats["reused"] += len(slot.tokens)
         self._make_room(len(prompt) - keep, slot)
         slot.used = time.monotonic()
         sequence._slot = slot
@@ -617,14 +633,57 @@ class Engine:
         used = sum(len(slot.tokens) for slot in self._slots) + sum(
             1 for s in self._active if s._pending is not None
         )
-        memory = llama_cpp.llama_get_memory(self._ctx)
         for slot in sorted(self._slots, key=lambda s: s.used):
             if used + needed <= self.n_ctx:
                 return
             if slot.owner is None and slot is not keep and slot.tokens:
                 used -= len(slot.tokens)
-                llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
-                slot.tokens = []
+                self._drop(slot, 0)
+
+    def _drop(self, slot: _Slot, keep: int) -> None:
+        """Free *slot*'s cells after its first *keep* tokens, saving it first."""
+        if keep >= len(slot.tokens):
+            return
+        if len(slot.tokens) - keep >= CACHE_MIN:
+            self._save(slot)
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        if not llama_cpp.llama_memory_seq_rm(memory, slot.id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
+            keep = 0
+        slot.tokens = slot.tokens[:keep]
+
+    def _save(self, slot: _Slot) -> None:
+        """Copy *slot*'s cells into the prompt cache, unless short or kept already."""
+        cache = self.cache
+        if cache is None or len(slot.tokens) < CACHE_MIN or cache.covers(slot.tokens):
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.id)
+        if not size or size > cache.capacity:
+            return
+        data = (ctypes.c_ubyte * size)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.id) == size:
+            cache.put(slot.tokens, data)
+
+    def _restore(self, slot: _Slot, prompt: list[int], keep: int) -> int:
+        """Copy back the cached sequence that shares most with *prompt*.
+
+        Only when it shares at least :data:`CACHE_MIN` tokens more than the
+        *keep* the slot holds already; returns the prefix the slot now holds.
+        """
+        assert self.cache is not None
+        found, shared = self.cache.find(prompt)
+        shared = min(shared, len(prompt) - 1)
+        if found is None or shared < keep + CACHE_MIN:
+            return keep
+        self._drop(slot, 0)
+        self._make_room(len(found) + len(prompt) - shared, slot)
+        data = self.cache.get(found)
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data), slot.id):
+            memory = llama_cpp.llama_get_memory(self._ctx)
+            llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
+            return 0
+        slot.tokens = list(found)
+        return shared
 
     def _step(self) -> None:
         memory = llama_cpp.llama_get_memory(self._ctx)

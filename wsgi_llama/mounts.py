@@ -69,17 +69,21 @@ class ModelRegistry:
         queue_size: int,
         parallel: int = 1,
         queue_timeout: float = 600.0,
+        prompt_cache: int = 0,
     ) -> Model:
         key = self._key_of(settings.path, settings.options, parallel)
         with self._lock:
             model = self._loaded.get(key)
             if model is None:
                 model = self._loaded[key] = Model(
-                    settings, queue_size, parallel, queue_timeout
+                    settings, queue_size, parallel, queue_timeout, prompt_cache
                 )
             else:
-                # One queue for the shared context: the longest mount's length.
+                # One queue for the shared context: the longest mount's length;
+                # one prompt cache: the largest mount's.
                 model.queue.limit = max(model.queue.limit, queue_size)
+                if model.engine is not None:
+                    model.engine.keep_prompts(prompt_cache)
             self._users[key] = self._users.get(key, 0) + 1
         if model.alias != settings.alias:
             model = copy.copy(model)
@@ -138,7 +142,11 @@ def setup(state: BlueprintSetupState, config: Mapping[str, Any] | None) -> Serve
     pool = Pool(
         [
             mounts.models.get(
-                m, settings.queue_size, settings.parallel, settings.queue_timeout
+                m,
+                settings.queue_size,
+                settings.parallel,
+                settings.queue_timeout,
+                settings.prompt_cache,
             )
             for m in settings.models
         ]

@@ -278,6 +278,7 @@ class Model:
         queue_size: int,
         parallel: int = 1,
         queue_timeout: float = 600.0,
+        prompt_cache: int = 0,
     ) -> None:
         self.alias = settings.alias
         self.path = settings.path
@@ -302,7 +303,12 @@ class Model:
         self.queue: FairQueue | Engine
         if parallel > 1:
             self.engine = Engine(
-                self.llama, self.alias, parallel, queue_size, queue_timeout
+                self.llama,
+                self.alias,
+                parallel,
+                queue_size,
+                queue_timeout,
+                prompt_cache,
             )
             self.queue = self.engine
         else:
@@ -415,7 +421,13 @@ class Pool:
     def load(cls, settings: Settings) -> Pool:
         return cls(
             [
-                Model(m, settings.queue_size, settings.parallel, settings.queue_timeout)
+                Model(
+                    m,
+                    settings.queue_size,
+                    settings.parallel,
+                    settings.queue_timeout,
+                    settings.prompt_cache,
+                )
                 for m in settings.models
             ]
         )
