@@ -50,6 +50,21 @@ def test_two_mounts_share_one_loaded_model(host: Flask) -> None:
     assert (model_a.alias, model_b.alias) == ("tiny", "tiny-b")
 
 
+@pytest.mark.parametrize("sizes", [(0, 8), (8, 0), (2, 8)])
+def test_mounts_sharing_a_model_share_the_largest_prompt_cache(
+    tiny_model: Path, sizes: tuple[int, int]
+) -> None:
+    host = Flask("host")
+    host.config["LLAMA_MODEL"] = str(tiny_model)
+    for name, size in zip("ab", sizes, strict=True):
+        mount = create_blueprint({"LLAMA_PROMPT_CACHE_MB": size}, name=name)
+        host.register_blueprint(mount, url_prefix=f"/{name}")
+    mounts = host.extensions["wsgi_llama"]
+    engine = mounts["a"].pool.get(None).engine
+    assert engine is mounts["b"].pool.get(None).engine
+    assert engine.cache is not None and engine.cache.capacity == 8 << 20
+
+
 def test_each_mount_has_its_own_settings(host: Flask, client: FlaskClient) -> None:
     mounts = host.extensions["wsgi_llama"]
     assert mounts["a"].settings.ping_interval == 0.2
