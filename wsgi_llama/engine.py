@@ -587,10 +587,19 @@ class Engine:
         return used + need <= self.n_ctx
 
     def _free_slot(self, prompt: list[int]) -> _Slot | None:
+        """The free slot sharing most with *prompt*, if that is a tenth of it or
+        more (as llama.cpp's server chooses); else the least recently used.
+
+        Sharing a few tokens (BOS, a name) is not worth another sequence's
+        cells: they may be the next turn of its conversation.
+        """
         free = [slot for slot in self._slots if slot.owner is None]
         if not free:
             return None
-        return max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
+        best = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
+        if 10 * common_prefix(best.tokens, prompt) >= len(prompt):
+            return best
+        return min(free, key=lambda s: s.used)
 
     def _clear_memory(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
@@ -614,6 +623,8 @@ class Engine:
         self._drop(slot, keep)
         if keep > held:
             self.stats["restored"] += keep
+        if self.cache is not None and len(prompt) - keep > PREFILL_CHUNK:
+            self._compact(slot)
         self.stats["reused"] += len(slot.tokens)
         self._make_room(len(prompt) - keep, slot)
         slot.used = time.monotonic()
@@ -651,6 +662,17 @@ class Engine:
             llama_cpp.llama_memory_seq_rm(memory, slot.id, -1, -1)
             keep = 0
         slot.tokens = slot.tokens[:keep]
+
+    def _compact(self, slot: _Slot) -> None:
+        """Move idle slots' cells to the prompt cache before a long prompt.
+
+        llama.cpp attends over every KV cell up to the last one in use; idle
+        sequences left high in the cache made each chunk of a new prompt
+        attend over (masked) cells it has nothing to do with.
+        """
+        for idle in self._slots:
+            if idle is not slot and idle.owner is None and idle.tokens:
+                self._drop(idle, 0)
 
     def _save(self, slot: _Slot) -> None:
         """Copy *slot*'s cells into the prompt cache, unless short or kept already."""
