@@ -166,6 +166,22 @@ def test_queue_gauges_are_present_from_the_start(metered: Flask) -> None:
     assert ("wsgi_llama_queue_depth", (("model", "tiny"),)) in samples
 
 
+def test_prompt_cache_gauge_counts_what_it_holds(
+    make_app: Callable[..., Flask],
+) -> None:
+    app = make_app(LLAMA_PARALLEL=2, LLAMA_N_CTX=2048)
+    client = app.test_client()
+    assert value(scrape(client), "wsgi_llama_prompt_cache_bytes", model="tiny") == 0
+    body = {"prompt": "Held for a while. " * 8, "max_tokens": 2}
+    client.post("/v1/completions", json=body)
+    # A long prompt moves the idle one to the cache.
+    client.post("/v1/completions", json={"prompt": "Next. " * 40, "max_tokens": 2})
+    (model,) = app.extensions["wsgi_llama"].pool.models.values()
+    held = model.engine.cache.size
+    assert held > 0
+    assert value(scrape(client), "wsgi_llama_prompt_cache_bytes", model="tiny") == held
+
+
 def test_exposition_names_follow_prometheus_conventions(metered: Flask) -> None:
     text = metered.test_client().get("/metrics").text
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
@@ -179,6 +195,7 @@ def test_exposition_names_follow_prometheus_conventions(metered: Flask) -> None:
         "wsgi_llama_completion_tokens_total": "counter",
         "wsgi_llama_queue_depth": "gauge",
         "wsgi_llama_active_generations": "gauge",
+        "wsgi_llama_prompt_cache_bytes": "gauge",
         "wsgi_llama_heartbeats_total": "counter",
         "wsgi_llama_client_disconnects_total": "counter",
     }

@@ -110,6 +110,13 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.prompt_cache = Gauge(
+            "wsgi_llama_prompt_cache_bytes",
+            "Host memory the prompt cache holds, across live workers.",
+            ["model"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
         self.heartbeats = Counter(
             "wsgi_llama_heartbeats",
             "': ping' comment frames sent to streams.",
@@ -187,6 +194,8 @@ class Metrics:
         for queue, model in self._queues:
             self.queue_depth.labels(model).set(len(queue))
             self.active.labels(model).set(queue.running)
+            cache = getattr(queue, "cache", None)  # the engine's; no FIFO has one
+            self.prompt_cache.labels(model).set(cache.size if cache else 0)
 
     def _refresh_in_background(self) -> None:
         """Start the refresher in this process (after a fork too), once."""
