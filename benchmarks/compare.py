@@ -995,8 +995,7 @@ def table(results: dict[str, dict[str, Any]], direct: dict[str, Any]) -> str:
 
 def _paired(result: dict[str, Any], key: str) -> str:
     """The paired in-process batched wall of *key*; "-" for in-process itself."""
-    direct = "direct_burst_wall" if key == "burst_wall" else f"direct_{key}"
-    return _cell(result, direct, 2) if _values(result, direct) else "-"
+    return _cell(result, f"direct_{key}", 2)
 
 
 def _pings(result: dict[str, Any]) -> str:

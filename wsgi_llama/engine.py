@@ -42,8 +42,9 @@ log = logging.getLogger("wsgi_llama.engine")
 PREFILL_CHUNK = 128
 #: Steps with at least this many tokens may be cut short for a departed client.
 ABORTABLE = 64
-#: Sequences shorter than this are not saved in the prompt cache: evaluating
-#: them again costs about what copying them back would.
+#: Sequences shorter than this are not saved in the prompt cache, nor copied
+#: back to gain fewer tokens than this: evaluating so few again costs about
+#: what the copy would.
 CACHE_MIN = 64
 #: llama.cpp attends over the KV cells up to the last used one, rounded up to
 #: a multiple of this (``llama_kv_cache::get_n_kv``).
@@ -596,10 +597,11 @@ class Engine:
         free = [slot for slot in self._slots if slot.owner is None]
         if not free:
             return None
-        best = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.used))
-        if 10 * common_prefix(best.tokens, prompt) >= len(prompt):
-            return best
-        return min(free, key=lambda s: s.used)
+        shared, best = max(
+            ((common_prefix(s.tokens, prompt), s) for s in free),
+            key=lambda pair: (pair[0], -pair[1].used),
+        )
+        return best if 10 * shared >= len(prompt) else min(free, key=lambda s: s.used)
 
     def _clear_memory(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
