@@ -26,17 +26,21 @@ Each server runs alone (start, measure, stop), behind the OpenAI HTTP API
 
 Every rep of a server is paired with llama-cpp-python in-process (a child
 process holding its own ``Llama``, wsgi-llama's settings: every core,
-``logits_all`` off): the same stream and the same long prompt, run just
-before the server's, since this machine's speed drifts. The batched walls
+``logits_all`` off): the same streams and the same long prompt, run beside
+the server's (just before it, or by turns), since this machine's speed
+drifts. The batched walls
 (4 and 8 streams, the 200) are paired the same way with ``BareBatching``:
 the same prompts decoded by a bare continuous-batching loop on llama.cpp's
 C API in a second child, as many sequences per step as ``--parallel``.
 Figures, per rep:
 
 - time to first token and stream tokens/s (tokens after the first over the
-  time from the first to the last) of one stream after a short prompt;
+  time from the first to the last) of a stream after a short prompt: three
+  streams per rep, each paired with an in-process one on the same prompt
+  (one with ``--quick``); the targets take the median over all pairs;
 - prefill: time to the one token of a request with a ~1.6k-token prompt;
-- wall time of 4 and of 8 concurrent 48-token streams;
+- wall time of 4 and of 8 concurrent 48-token streams, as many times per
+  rep as the stream and paired the same way (with ``BareBatching``);
 - 200 simultaneous short requests (8 tokens, not streamed): served, refused
   (503/429), other failures, wall time;
 - tokens/s of one stream with a CPU hog beside the server (a
@@ -545,6 +549,8 @@ class Plan:
     def __init__(self, args: argparse.Namespace) -> None:
         self.reps = args.reps if args.reps else (1 if args.quick else 3)
         self.stream_tokens = 64 if args.quick else 128
+        #: Streams per rep, each paired with one in-process.
+        self.stream_pairs = 1 if args.quick else 3
         self.long_tokens = 1600
         self.chat_tokens = 800
         self.hog_window = 8.0 if args.quick else 15.0
@@ -593,20 +599,12 @@ def measure_rep(
     url = server.url
     name = f"{server.name} rep {rep + 1}"
 
-    text = prompts.short()
-    paired = direct.call(op="stream", prompt=text, max_tokens=plan.stream_tokens)
-    one = stream(client, url, text, plan.stream_tokens)
-    figures.update(
-        ttft=one.get("ttft"),
-        tok_s=one.get("tok_s"),
-        stream_tokens=one["tokens"],
-        direct_ttft=paired.get("ttft"),
-        direct_tok_s=paired.get("tok_s"),
-    )
+    figures.update(single_stream(server, client, direct, prompts, plan))
     log(
-        f"{name}: stream {one['tokens']} tokens, TTFT {_ms(one.get('ttft'))} ms, "
-        f"{_f(one.get('tok_s'))} tok/s (in-process: {_ms(paired.get('ttft'))} ms, "
-        f"{_f(paired.get('tok_s'))} tok/s)"
+        f"{name}: stream {figures['stream_tokens']} tokens, TTFT "
+        f"{_ms(figures['ttft'])} ms, {_f(figures['tok_s'])} tok/s (in-process: "
+        f"{_ms(figures['direct_ttft'])} ms, {_f(figures['direct_tok_s'])} tok/s; "
+        f"medians of {_pairs(figures['tok_s_ratios'])})"
     )
 
     text = prompts.long(plan.long_tokens)
@@ -620,18 +618,12 @@ def measure_rep(
     )
 
     for n in (4, 8):
-        texts = [prompts.stream(i) for i in range(n)]
-        figures[f"direct_streams_{n}"] = direct.batch(texts, 48, plan.parallel)
-        results, wall = together(n, lambda i, t=texts: stream(client, url, t[i], 48))
-        done = [r for r in results if isinstance(r, dict) and r.get("tokens") == 48]
-        figures[f"streams_{n}"] = wall
-        figures[f"streams_{n}_complete"] = len(done)
-        figures[f"streams_{n}_tokens"] = sum(
-            r.get("tokens", 0) for r in results if isinstance(r, dict)
-        )
+        figures.update(concurrent_streams(n, url, client, direct, prompts, plan))
         log(
-            f"{name}: {n} x 48-token streams in {wall:.2f} s, {len(done)} complete "
-            f"(in-process batched {figures[f'direct_streams_{n}']:.2f} s)"
+            f"{name}: {n} x 48-token streams in {figures[f'streams_{n}']:.2f} s, "
+            f"{figures[f'streams_{n}_complete']} complete (in-process batched "
+            f"{figures[f'direct_streams_{n}']:.2f} s; medians of "
+            f"{_pairs(figures[f'streams_{n}_ratios'])})"
         )
 
     figures.update(chat(client, url, prompts, plan))
@@ -662,6 +654,89 @@ def measure_rep(
             f"{name}: heartbeat gaps p50 {_ms(figures['ping_p50'])} ms, p99 "
             f"{_ms(figures['ping_p99'])} ms over {figures['pings']} pings"
         )
+
+
+def _pairs(ratios: list[float]) -> str:
+    return f"{len(ratios)} pair" + ("" if len(ratios) == 1 else "s")
+
+
+def single_stream(
+    server: Any, client: httpx.Client, direct: Direct, prompts: Prompts, plan: Plan
+) -> dict[str, Any]:
+    """One stream, *plan.stream_pairs* times, each beside in-process on its prompt.
+
+    The two of a pair run back to back, taking turns to go first, so that
+    drift falls on both. With one pair per rep, the ratio of one server moved
+    by up to 12 % between the reps of a run here (2026-11-26).
+    """
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    for i in range(plan.stream_pairs):
+        text = prompts.short()
+        for side in ("direct", "server") if i % 2 == 0 else ("server", "direct"):
+            if side == "direct":
+                theirs.append(
+                    direct.call(op="stream", prompt=text, max_tokens=plan.stream_tokens)
+                )
+            else:
+                ours.append(stream(client, server.url, text, plan.stream_tokens))
+
+    def median(runs: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    pairs = list(zip(ours, theirs, strict=True))
+    return {
+        "ttft": median(ours, "ttft"),
+        "tok_s": median(ours, "tok_s"),
+        "stream_tokens": min(r["tokens"] for r in ours),
+        "direct_ttft": median(theirs, "ttft"),
+        "direct_tok_s": median(theirs, "tok_s"),
+        "tok_s_ratios": [
+            a["tok_s"] / b["tok_s"]
+            for a, b in pairs
+            if a.get("tok_s") and b.get("tok_s")
+        ],
+        "ttft_diffs": [
+            a["ttft"] - b["ttft"]
+            for a, b in pairs
+            if a.get("ttft") is not None and b.get("ttft") is not None
+        ],
+    }
+
+
+def concurrent_streams(
+    n: int,
+    url: str,
+    client: httpx.Client,
+    direct: Direct,
+    prompts: Prompts,
+    plan: Plan,
+) -> dict[str, Any]:
+    """*n* concurrent 48-token streams, *plan.stream_pairs* times, each beside
+    :class:`BareBatching` on the same prompts, taking turns to go first."""
+    walls: list[float] = []
+    bare: list[float] = []
+    complete: list[int] = []
+    for i in range(plan.stream_pairs):
+        texts = [prompts.stream(j) for j in range(n)]
+        for side in ("direct", "server") if i % 2 == 0 else ("server", "direct"):
+            if side == "direct":
+                bare.append(direct.batch(texts, 48, plan.parallel))
+                continue
+            results, wall = together(
+                n, lambda j, t=texts: stream(client, url, t[j], 48)
+            )
+            walls.append(wall)
+            complete.append(
+                sum(1 for r in results if isinstance(r, dict) and r.get("tokens") == 48)
+            )
+    return {
+        f"streams_{n}": statistics.median(walls),
+        f"direct_streams_{n}": statistics.median(bare),
+        f"streams_{n}_complete": min(complete),
+        f"streams_{n}_ratios": [a / b for a, b in zip(walls, bare, strict=True)],
+    }
 
 
 def chat(
@@ -809,12 +884,17 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "direct_streams_4", "direct_streams_8", "direct_burst_wall",
     ]  # fmt: skip
     summary = {key: _median(result, key) for key in keys}
+    # Measures run several times per rep: over all their pairs.
+    for name, key in (
+        ("ttft_minus_direct", "ttft_diffs"),
+        ("tok_s_over_direct", "tok_s_ratios"),
+        ("streams_4_over_direct", "streams_4_ratios"),
+        ("streams_8_over_direct", "streams_8_ratios"),
+    ):
+        values = [v for r in result["reps"] for v in r.get(key, [])]
+        summary[name] = statistics.median(values) if values else None
     pairs = {
-        "ttft_minus_direct": ("ttft", "direct_ttft", lambda a, b: a - b),
-        "tok_s_over_direct": ("tok_s", "direct_tok_s", lambda a, b: a / b),
         "prefill_over_direct": ("prefill", "direct_prefill", lambda a, b: a / b),
-        "streams_4_over_direct": ("streams_4", "direct_streams_4", lambda a, b: a / b),
-        "streams_8_over_direct": ("streams_8", "direct_streams_8", lambda a, b: a / b),
         "burst_over_direct": ("burst_wall", "direct_burst_wall", lambda a, b: a / b),
         "hog_over_quiet": ("hog_tok_s", "tok_s", lambda a, b: a / b),
         "chat_turn2_over_turn1": ("chat_ttft_2", "chat_ttft_1", lambda a, b: a / b),
