@@ -28,10 +28,10 @@ Every rep of a server is paired with llama-cpp-python in-process (a child
 process holding its own ``Llama``, wsgi-llama's settings: every core,
 ``logits_all`` off): the same streams and the same long prompt, run beside
 the server's (just before it, or by turns), since this machine's speed
-drifts. The batched walls
-(4 and 8 streams, the 200) are paired the same way with ``BareBatching``:
-the same prompts decoded by a bare continuous-batching loop on llama.cpp's
-C API in a second child, as many sequences per step as ``--parallel``.
+drifts. The batched walls (4 and 8 streams, the 200) are paired the same
+way with ``BareBatching``: the same prompts decoded by a bare
+continuous-batching loop on llama.cpp's C API in a second child, as many
+sequences per step as ``--parallel``.
 Figures, per rep:
 
 - time to first token and stream tokens/s (tokens after the first over the
