@@ -63,27 +63,20 @@ class ModelRegistry:
             self._key_of(model.path, model.options, model.parallel), 0
         )
 
-    def get(
-        self,
-        settings: ModelSettings,
-        queue_size: int,
-        parallel: int = 1,
-        queue_timeout: float = 600.0,
-        prompt_cache: int = 0,
-    ) -> Model:
-        key = self._key_of(settings.path, settings.options, parallel)
+    def get(self, settings: ModelSettings, server: Settings) -> Model:
+        """The loaded copy of the model *settings* name, for a mount's *server*
+        settings: loaded now unless another mount has it with as many sequences."""
+        key = self._key_of(settings.path, settings.options, server.parallel)
         with self._lock:
             model = self._loaded.get(key)
             if model is None:
-                model = self._loaded[key] = Model(
-                    settings, queue_size, parallel, queue_timeout, prompt_cache
-                )
+                model = self._loaded[key] = Model(settings, server)
             else:
                 # One queue for the shared context: the longest mount's length;
                 # one prompt cache: the largest mount's.
-                model.queue.limit = max(model.queue.limit, queue_size)
+                model.queue.limit = max(model.queue.limit, server.queue_size)
                 if model.engine is not None:
-                    model.engine.keep_prompts(prompt_cache)
+                    model.engine.keep_prompts(server.prompt_cache)
             self._users[key] = self._users.get(key, 0) + 1
         if model.alias != settings.alias:
             model = copy.copy(model)
@@ -139,18 +132,7 @@ def setup(state: BlueprintSetupState, config: Mapping[str, Any] | None) -> Serve
     if mounts is None:
         mounts = app.extensions[EXTENSION] = Mounts()
     settings = load_settings(mount_config(app.config, config))
-    pool = Pool(
-        [
-            mounts.models.get(
-                m,
-                settings.queue_size,
-                settings.parallel,
-                settings.queue_timeout,
-                settings.prompt_cache,
-            )
-            for m in settings.models
-        ]
-    )
+    pool = Pool([mounts.models.get(m, settings) for m in settings.models])
     server = mounts[registered_name(state)] = Server(
         settings, pool, mounts.runner, mounts.shutdown
     )

@@ -272,14 +272,10 @@ class FairQueue:
 class Model:
     """A loaded model, its queue and the facts requests are checked against."""
 
-    def __init__(
-        self,
-        settings: ModelSettings,
-        queue_size: int,
-        parallel: int = 1,
-        queue_timeout: float = 600.0,
-        prompt_cache: int = 0,
-    ) -> None:
+    def __init__(self, settings: ModelSettings, server: Settings) -> None:
+        """Load the model *settings* name, with the mount-wide *server* settings
+        (parallel sequences, queue, prompt cache)."""
+        parallel = server.parallel
         self.alias = settings.alias
         self.path = settings.path
         self.options = settings.options
@@ -306,13 +302,13 @@ class Model:
                 self.llama,
                 self.alias,
                 parallel,
-                queue_size,
-                queue_timeout,
-                prompt_cache,
+                server.queue_size,
+                server.queue_timeout,
+                server.prompt_cache,
             )
             self.queue = self.engine
         else:
-            self.queue = FairQueue(queue_size)
+            self.queue = FairQueue(server.queue_size)
             # Other processes' busy cores stall llama.cpp's threads (see .tuning).
             self.llama.tuner = ThreadTuner(self.llama.context_params.n_threads)
         #: The one thread where the model decodes (see :class:`CallQueue`).
@@ -419,18 +415,7 @@ class Pool:
 
     @classmethod
     def load(cls, settings: Settings) -> Pool:
-        return cls(
-            [
-                Model(
-                    m,
-                    settings.queue_size,
-                    settings.parallel,
-                    settings.queue_timeout,
-                    settings.prompt_cache,
-                )
-                for m in settings.models
-            ]
-        )
+        return cls([Model(m, settings) for m in settings.models])
 
     def get(self, name: Any) -> Model:
         """The model a request names; with a single model, any name gets it."""
