@@ -106,8 +106,13 @@ def main() -> None:
             f"{model.name}: {args.conversations} conversations, LLAMA_PARALLEL="
             f"{args.parallel}, first turns of ~{args.history} tokens"
         )
+        argv = [
+            f"--model={model}",
+            f"--conversations={args.conversations}",
+            f"--history={args.history}",
+            f"--parallel={args.parallel}",
+        ]  # not sys.argv: "--cache-mb 0" would leave its value behind
         for cache_mb in settings:
-            argv = [a for a in sys.argv[1:] if not a.startswith("--cache-mb")]
             command = [sys.executable, __file__, *argv, f"--cache-mb={cache_mb}"]
             subprocess.run(command, check=True)
         return
