@@ -456,6 +456,7 @@ def test_bad_model_file_stops_startup(
         ("LLAMA_QUEUE_SIZE", "-1"),
         ("LLAMA_QUEUE_TIMEOUT", "soon"),
         ("LLAMA_PROMPT_CACHE_MB", "-1"),
+        ("LLAMA_COMPUTE_NICE", "-1"),
         ("LLAMA_MAX_TOKENS", "0"),
         ("LLAMA_N_CTX", "big"),
     ],

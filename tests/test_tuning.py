@@ -1,12 +1,17 @@
-"""The thread tuner, fed the step times and CPU shares machines give it."""
+"""llama.cpp's threads: the tuner, fed the step times and CPU shares machines
+give it, and the priority they run at."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import pytest
 
 from wsgi_llama import tuning
 
@@ -150,3 +155,57 @@ def test_one_request_at_a_time_follows_a_tuner_too(make_app: Any) -> None:
     assert tuner.pauses == 1
     assert llama_cpp.llama_n_threads(model.llama._ctx.ctx) == 1
     assert llama_cpp.llama_n_threads_batch(model.llama._ctx.ctx) == 1
+
+
+def nice_of(tid: int) -> int:
+    """A thread's nice value, from its /proc stat line (field 19)."""
+    with open(f"/proc/{os.getpid()}/task/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def threads_at(nice: int) -> list[int]:
+    return [
+        int(tid)
+        for tid in os.listdir(f"/proc/{os.getpid()}/task")
+        if nice_of(int(tid)) == nice
+    ]
+
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's"
+)
+
+
+@linux_only
+@pytest.mark.parametrize("parallel", [8, 1])
+def test_llama_cpp_threads_run_below_the_serving_ones(
+    make_app: Any, parallel: int
+) -> None:
+    """The engine's loop (or the model's thread without it) and the workers it
+    starts run LLAMA_COMPUTE_NICE levels below; the serving thread keeps its."""
+    mine = threading.get_native_id()
+    base = nice_of(mine)
+    if base + 3 > 19:
+        pytest.skip(f"this process already runs at nice {base}")
+    app = make_app(LLAMA_PARALLEL=parallel, LLAMA_N_THREADS=2, LLAMA_COMPUTE_NICE=3)
+    body = {"prompt": "priority", "max_tokens": 4, "temperature": 0}
+    response = app.test_client().post("/v1/completions", json=body)
+    assert response.status_code == 200
+    assert nice_of(mine) == base
+    model = next(iter(app.extensions["wsgi_llama"].pool.models.values()))
+    if model.engine is not None:
+        assert model.engine.thread_id is not None
+        assert nice_of(model.engine.thread_id) == base + 3
+    # The decoding thread and the worker it started for its second thread.
+    assert len(threads_at(base + 3)) >= 2
+
+
+@linux_only
+def test_a_compute_nice_of_0_leaves_the_priority_alone(make_app: Any) -> None:
+    base = nice_of(threading.get_native_id())
+    app = make_app(LLAMA_COMPUTE_NICE=0)
+    body = {"prompt": "priority", "max_tokens": 2, "temperature": 0}
+    assert app.test_client().post("/v1/completions", json=body).status_code == 200
+    engine = next(iter(app.extensions["wsgi_llama"].pool.models.values())).engine
+    assert engine is not None and engine.thread_id is not None
+    assert nice_of(engine.thread_id) == base

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "LLAMA_QUEUE_SIZE": 256,
     "LLAMA_QUEUE_TIMEOUT": 600.0,
     "LLAMA_PROMPT_CACHE_MB": 256.0,
+    "LLAMA_COMPUTE_NICE": 2,
     "LLAMA_CORS_ORIGINS": None,
     "LLAMA_PLAYGROUND": True,
     "LLAMA_METRICS": True,
@@ -100,6 +101,8 @@ class Settings:
     parallel: int = 1
     #: Bytes of host memory each batching model keeps finished prompts in.
     prompt_cache: int = 256 << 20
+    #: Nice levels llama.cpp's threads run below the serving ones (0: none).
+    compute_nice: int = 0
 
 
 def from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -230,6 +233,9 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
         prompt_cache=int(
             _number(config.get("LLAMA_PROMPT_CACHE_MB"), "LLAMA_PROMPT_CACHE_MB")
             * 2**20
+        ),
+        compute_nice=_integer(
+            config.get("LLAMA_COMPUTE_NICE"), "LLAMA_COMPUTE_NICE", 0
         ),
     )
 

@@ -32,7 +32,14 @@ import numpy as np
 from .errors import APIError
 from .prompt_cache import PromptCache, common_prefix
 from .sampling import Detokenizer, Sampler, SamplingParams, StopMatcher
-from .threads import CallQueue, Signal, native_lock, start_native_thread
+from .threads import (
+    CallQueue,
+    Signal,
+    lower_priority,
+    native_id,
+    native_lock,
+    start_native_thread,
+)
 from .tuning import ThreadTuner
 
 log = logging.getLogger("wsgi_llama.engine")
@@ -319,8 +326,12 @@ class Engine:
         queue_size: int,
         queue_timeout: float,
         prompt_cache: int = 0,
+        nice: int = 0,
     ) -> None:
         self.llama = llama
+        self.nice = nice
+        #: The loop's OS thread id once it runs (for logs and tests).
+        self.thread_id: int | None = None
         self.alias = alias
         self.n_parallel = n_parallel
         self.queue_size = queue_size
@@ -473,6 +484,8 @@ class Engine:
     # --- the loop ----------------------------------------------------------------
 
     def _run(self) -> None:
+        self.thread_id = native_id()
+        lower_priority(self.nice)
         try:
             while not self._closed:
                 try:

@@ -305,6 +305,7 @@ class Model:
                 server.queue_size,
                 server.queue_timeout,
                 server.prompt_cache,
+                nice=server.compute_nice,
             )
             self.queue = self.engine
         else:
@@ -313,7 +314,9 @@ class Model:
             self.llama.tuner = ThreadTuner(self.llama.context_params.n_threads)
         #: The one thread where the model decodes (see :class:`CallQueue`).
         self.runner: CallQueue = (
-            self.engine.calls if self.engine is not None else ModelThread()
+            self.engine.calls
+            if self.engine is not None
+            else ModelThread(server.compute_nice)
         )
         self.created = int(settings.path.stat().st_mtime)
         self.n_ctx = self.llama.n_ctx()
