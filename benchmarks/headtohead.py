@@ -8,7 +8,7 @@ works, and every measure is taken on one and then the other with the same
 prompts, taking turns to go first: the drift falls on both sides of each
 pair. Prints figures; it is not a test and asserts nothing::
 
-    python benchmarks/headtohead.py [--rounds 12] [--json out.json]
+    python benchmarks/headtohead.py [--rounds 20] [--json out.json]
         [--llama-server-bin FILE] [--llama-server-parallel 8] [--model PATH]
 
 Per round and server (compare.py's measures and server settings):
@@ -142,7 +142,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--model", type=Path, help="a GGUF file (default: Gemma 3 270M)"
     )
-    parser.add_argument("--rounds", type=int, default=12, help="pairs per measure")
+    parser.add_argument("--rounds", type=int, default=20, help="pairs per measure")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument(
         "--llama-server-bin",
