@@ -177,17 +177,18 @@ linux_only = pytest.mark.skipif(
 
 
 @linux_only
-@pytest.mark.parametrize("parallel", [8, 1])
+@pytest.mark.parametrize(("parallel", "nice"), [(8, 3), (1, 4)])
 def test_llama_cpp_threads_run_below_the_serving_ones(
-    make_app: Any, parallel: int
+    make_app: Any, parallel: int, nice: int
 ) -> None:
     """The engine's loop (or the model's thread without it) and the workers it
-    starts run LLAMA_COMPUTE_NICE levels below; the serving thread keeps its."""
+    starts run LLAMA_COMPUTE_NICE levels below; the serving thread keeps its.
+    Each case has a nice of its own: the other's threads live on."""
     mine = threading.get_native_id()
     base = nice_of(mine)
-    if base + 3 > 19:
+    if base + nice > 19:
         pytest.skip(f"this process already runs at nice {base}")
-    app = make_app(LLAMA_PARALLEL=parallel, LLAMA_N_THREADS=2, LLAMA_COMPUTE_NICE=3)
+    app = make_app(LLAMA_PARALLEL=parallel, LLAMA_N_THREADS=2, LLAMA_COMPUTE_NICE=nice)
     body = {"prompt": "priority", "max_tokens": 4, "temperature": 0}
     response = app.test_client().post("/v1/completions", json=body)
     assert response.status_code == 200
@@ -195,9 +196,9 @@ def test_llama_cpp_threads_run_below_the_serving_ones(
     model = next(iter(app.extensions["wsgi_llama"].pool.models.values()))
     if model.engine is not None:
         assert model.engine.thread_id is not None
-        assert nice_of(model.engine.thread_id) == base + 3
+        assert nice_of(model.engine.thread_id) == base + nice
     # The decoding thread and the worker it started for its second thread.
-    assert len(threads_at(base + 3)) >= 2
+    assert len(threads_at(base + nice)) >= 2
 
 
 @linux_only
