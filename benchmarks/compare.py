@@ -1133,6 +1133,24 @@ def skipped(name: str, args: argparse.Namespace) -> str | None:
     return None
 
 
+def llama_server_args(parser: argparse.ArgumentParser) -> None:
+    """``--llama-server-bin`` and ``--llama-server-parallel``, for the scripts
+    that run llama.cpp's server."""
+    parser.add_argument(
+        "--llama-server-bin",
+        type=Path,
+        default=os.environ.get("LLAMA_SERVER_BIN") or None,
+        help="llama.cpp's llama-server binary (default: $LLAMA_SERVER_BIN)",
+    )
+    parser.add_argument(
+        "--llama-server-parallel",
+        type=int,
+        default=DEFAULTS["LLAMA_PARALLEL"],
+        help="llama-server --parallel (default: wsgi-llama's LLAMA_PARALLEL "
+        "default, 8; llama.cpp's own automatic default is 4)",
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1154,19 +1172,7 @@ def parse_args() -> argparse.Namespace:
         default=os.environ.get("LCP_SERVER_VENV") or None,
         help="venv with llama-cpp-python[server] (default: $LCP_SERVER_VENV)",
     )
-    parser.add_argument(
-        "--llama-server-bin",
-        type=Path,
-        default=os.environ.get("LLAMA_SERVER_BIN") or None,
-        help="llama.cpp's llama-server binary (default: $LLAMA_SERVER_BIN)",
-    )
-    parser.add_argument(
-        "--llama-server-parallel",
-        type=int,
-        default=DEFAULTS["LLAMA_PARALLEL"],
-        help="llama-server --parallel (default: wsgi-llama's LLAMA_PARALLEL "
-        "default, 8; llama.cpp's own automatic default is 4)",
-    )
+    llama_server_args(parser)
     args = parser.parse_args()
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - set(SERVERS)

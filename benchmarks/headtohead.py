@@ -40,10 +40,15 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import LlamaCppServer, Prompts, WsgiLlama, stream, together
+from compare import (
+    LlamaCppServer,
+    Prompts,
+    WsgiLlama,
+    llama_server_args,
+    stream,
+    together,
+)
 from throughput import cores, default_model
-
-from wsgi_llama.config import DEFAULTS
 
 #: (key, what it is, whether smaller is better)
 MEASURES = (
@@ -144,18 +149,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=20, help="pairs per measure")
     parser.add_argument("--json", type=Path, help="write every figure here")
-    parser.add_argument(
-        "--llama-server-bin",
-        type=Path,
-        default=os.environ.get("LLAMA_SERVER_BIN") or None,
-        help="llama.cpp's llama-server binary (default: $LLAMA_SERVER_BIN)",
-    )
-    parser.add_argument(
-        "--llama-server-parallel",
-        type=int,
-        default=DEFAULTS["LLAMA_PARALLEL"],
-        help="llama-server --parallel (default: wsgi-llama's LLAMA_PARALLEL default)",
-    )
+    llama_server_args(parser)
     args = parser.parse_args()
     if args.llama_server_bin is None or not os.access(args.llama_server_bin, os.X_OK):
         parser.error(
