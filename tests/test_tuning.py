@@ -3,6 +3,7 @@ give it, and the priority they run at."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -210,3 +211,30 @@ def test_a_compute_nice_of_0_leaves_the_priority_alone(make_app: Any) -> None:
     engine = next(iter(app.extensions["wsgi_llama"].pool.models.values())).engine
     assert engine is not None and engine.thread_id is not None
     assert nice_of(engine.thread_id) == base
+
+
+def mapped(path: Path) -> bool:
+    """Whether this process maps *path* (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip("\n").endswith(str(path)) for line in f)
+
+
+@linux_only
+@pytest.mark.parametrize("use_mmap", [None, True])
+def test_weights_are_read_into_memory_unless_the_config_maps_them(
+    tmp_path: Path, tiny_model: Path, use_mmap: bool | None
+) -> None:
+    """Mapped weights made the first decode after an idle second slower."""
+    from wsgi_llama import create_app
+
+    model = tmp_path / "weights.gguf"  # a name no other test's model maps
+    model.write_bytes(tiny_model.read_bytes())
+    entry: dict[str, Any] = {"model": str(model), "n_ctx": 256}
+    if use_mmap is not None:
+        entry["use_mmap"] = use_mmap
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"models": [entry]}))
+    app = create_app({"LLAMA_CONFIG_FILE": str(config)})
+    body = {"prompt": "weights", "max_tokens": 2, "temperature": 0}
+    assert app.test_client().post("/v1/completions", json=body).status_code == 200
+    assert mapped(model) is bool(use_mmap)
