@@ -71,7 +71,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -283,10 +283,17 @@ class Peer:
 class LlamaCppServer(Peer):
     name = "llama.cpp"
 
-    def __init__(self, binary: Path, model: Path, log: Path, parallel: int) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        model: Path,
+        log: Path,
+        parallel: int,
+        extra: Sequence[str] = (),
+    ) -> None:
         command = [str(binary), "-m", str(model), "--host", "127.0.0.1"]
         command += ["--port", str(free_port()), "--parallel", str(parallel)]
-        command += ["--kv-unified", "--cont-batching"]
+        command += ["--kv-unified", "--cont-batching", *extra]
         self.command = command
         super().__init__(command, log, dict(os.environ))
 
@@ -1111,7 +1118,13 @@ def start(name: str, args: argparse.Namespace, model: Path, logs: Path) -> Any:
         return WsgiLlama(model, log)
     if name == "llama-cpp-python":
         return LcpServer(args.lcp_venv, model, log)
-    return LlamaCppServer(args.llama_server_bin, model, log, args.llama_server_parallel)
+    return LlamaCppServer(
+        args.llama_server_bin,
+        model,
+        log,
+        args.llama_server_parallel,
+        args.llama_server_arg,
+    )
 
 
 def skipped(name: str, args: argparse.Namespace) -> str | None:
@@ -1134,8 +1147,8 @@ def skipped(name: str, args: argparse.Namespace) -> str | None:
 
 
 def llama_server_args(parser: argparse.ArgumentParser) -> None:
-    """``--llama-server-bin`` and ``--llama-server-parallel``, for the scripts
-    that run llama.cpp's server."""
+    """``--llama-server-bin``, ``--llama-server-parallel`` and
+    ``--llama-server-arg``, for the scripts that run llama.cpp's server."""
     parser.add_argument(
         "--llama-server-bin",
         type=Path,
@@ -1148,6 +1161,14 @@ def llama_server_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS["LLAMA_PARALLEL"],
         help="llama-server --parallel (default: wsgi-llama's LLAMA_PARALLEL "
         "default, 8; llama.cpp's own automatic default is 4)",
+    )
+    parser.add_argument(
+        "--llama-server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more llama-server argument, e.g. --llama-server-arg=--load-mode "
+        "--llama-server-arg=none (repeatable)",
     )
 
 

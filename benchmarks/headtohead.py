@@ -9,7 +9,8 @@ prompts, taking turns to go first: the drift falls on both sides of each
 pair. Prints figures; it is not a test and asserts nothing::
 
     python benchmarks/headtohead.py [--rounds 20] [--json out.json]
-        [--llama-server-bin FILE] [--llama-server-parallel 8] [--model PATH]
+        [--llama-server-bin FILE] [--llama-server-parallel 8]
+        [--llama-server-arg ARG ...] [--model PATH]
 
 Per round and server (compare.py's measures and server settings):
 
@@ -184,6 +185,7 @@ def main() -> None:
             model,
             logs / "llama.cpp.log",
             args.llama_server_parallel,
+            args.llama_server_arg,
         )
         report["servers"] = {n: s.describe() for n, s in servers.items()}
         with httpx.Client(limits=limits, timeout=httpx.Timeout(300)) as client:
