@@ -185,8 +185,9 @@ def model_defaults() -> dict[str, Any]:
     of 68-72 (Gemma 3 270M on the engine, 2 cores). Weights are read into
     the process's memory rather than mapped from the file: with mapped weights
     the first decode after a second of idleness took 3.5-6 ms longer than one
-    right after another (in memory: 0.3-1.2 ms), and paired servers gave the
-    first token in 0.80-0.84 of the time and streams 2 % faster.
+    right after another (in memory: at most 1.2 ms in five processes of six),
+    and paired servers gave the first token in 0.80-0.84 of the time and
+    streams 2 % faster.
     """
     cores = cpu_count()
     return {
