@@ -1146,6 +1146,19 @@ def skipped(name: str, args: argparse.Namespace) -> str | None:
     return None
 
 
+def report_header(model: Path) -> dict[str, Any]:
+    """When, on what machine (its load now) and which model, for a JSON report."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": {
+            "cores": cores(),
+            "platform": platform.platform(),
+            "load_before": os.getloadavg(),
+        },
+        "model": str(model),
+    }
+
+
 def llama_server_args(parser: argparse.ArgumentParser) -> None:
     """``--llama-server-bin``, ``--llama-server-parallel`` and
     ``--llama-server-arg``, for the scripts that run llama.cpp's server."""
@@ -1220,13 +1233,7 @@ def main() -> None:
     notes = [n for n in (skipped(s, args) for s in args.servers) if n]
     names = [s for s in SERVERS if s in args.servers and not skipped(s, args)]
     report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {
-            "cores": cores(),
-            "platform": platform.platform(),
-            "load_before": os.getloadavg(),
-        },
-        "model": str(model),
+        **report_header(model),
         "plan": vars(plan),
         "notes": notes,
         "servers": {},

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -46,6 +45,7 @@ from compare import (
     Prompts,
     WsgiLlama,
     llama_server_args,
+    report_header,
     stream,
     together,
 )
@@ -165,16 +165,7 @@ def main() -> None:
     began = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logs = Path(tempfile.mkdtemp(prefix="wsgi-llama-headtohead-"))
-    report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {
-            "cores": cores(),
-            "platform": platform.platform(),
-            "load_before": os.getloadavg(),
-        },
-        "model": str(model),
-        "rounds": [],
-    }
+    report: dict[str, Any] = {**report_header(model), "rounds": []}
     prompts = Prompts(model)
     servers: dict[str, Any] = {}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
