@@ -182,6 +182,89 @@ def test_prompt_cache_gauge_counts_what_it_holds(
     assert value(scrape(client), "wsgi_llama_prompt_cache_bytes", model="tiny") == held
 
 
+ENGINE = (
+    "batched_generations",
+    "unbatched_generations",
+    "engine_steps",
+    "engine_step_tokens",
+    "engine_step_sequences",
+    "engine_decode_seconds",
+    "prompt_reused_tokens",
+)
+
+
+def engine_gains(before: Samples, after: Samples) -> dict[str, float]:
+    """What each engine counter gained between two scrapes, by short name."""
+    return {
+        name: value(after, f"wsgi_llama_{name}_total", model="tiny")
+        - value(before, f"wsgi_llama_{name}_total", model="tiny")
+        for name in ENGINE
+    }
+
+
+def test_engine_counts_its_steps(metered: Flask) -> None:
+    client = metered.test_client()
+    before = scrape(client)
+    started = time.perf_counter()
+    body = {"prompt": "Steps, counted one by one", "max_tokens": 7}
+    usage = client.post(COMPLETIONS, json=body).get_json()["usage"]
+    took = time.perf_counter() - started
+    gained = engine_gains(before, scrape(client))
+    assert usage["completion_tokens"] == 7
+    # Alone: one step for the prompt (and the first token), one per token after.
+    assert gained["engine_steps"] == gained["engine_step_sequences"] == 7
+    # Every prompt token is evaluated or reused once; every token but the last
+    # is fed back.
+    assert (
+        gained["engine_step_tokens"] + gained["prompt_reused_tokens"]
+        == usage["prompt_tokens"] + 6
+    )
+    assert 0 < gained["engine_decode_seconds"] < took
+    assert gained["batched_generations"] == 1
+    assert gained["unbatched_generations"] == 0
+
+
+def test_engine_steps_carry_several_sequences(metered: Flask) -> None:
+    client = metered.test_client()
+    before = scrape(client)
+    barrier = threading.Barrier(3)
+    usages: list[dict[str, int]] = []
+
+    def generate(i: int) -> None:
+        barrier.wait()
+        body = {"prompt": f"Side by side, number {i}", "max_tokens": 300}
+        usages.append(
+            metered.test_client().post(COMPLETIONS, json=body).get_json()["usage"]
+        )
+
+    threads = [threading.Thread(target=generate, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    gained = engine_gains(before, scrape(client))
+    assert len(usages) == 3
+    assert gained["batched_generations"] == 3
+    # Three generations of 300 tokens in fewer steps than one after another.
+    assert gained["engine_step_sequences"] > gained["engine_steps"]
+    assert gained["engine_steps"] < sum(u["completion_tokens"] for u in usages)
+    assert gained["engine_step_tokens"] + gained["prompt_reused_tokens"] == sum(
+        u["prompt_tokens"] + u["completion_tokens"] - 1 for u in usages
+    )
+
+
+def test_unbatched_generations_are_counted(metered: Flask) -> None:
+    client = metered.test_client()
+    before = scrape(client)
+    body = {"prompt": "Say it back", "max_tokens": 3, "echo": True}
+    response = client.post(COMPLETIONS, json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["choices"][0]["text"].startswith("Say it back")
+    gained = engine_gains(before, scrape(client))
+    assert gained["unbatched_generations"] == 1
+    assert gained["batched_generations"] == gained["engine_steps"] == 0
+
+
 def test_exposition_names_follow_prometheus_conventions(metered: Flask) -> None:
     text = metered.test_client().get("/metrics").text
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
@@ -198,6 +281,14 @@ def test_exposition_names_follow_prometheus_conventions(metered: Flask) -> None:
         "wsgi_llama_prompt_cache_bytes": "gauge",
         "wsgi_llama_heartbeats_total": "counter",
         "wsgi_llama_client_disconnects_total": "counter",
+        "wsgi_llama_batched_generations_total": "counter",
+        "wsgi_llama_unbatched_generations_total": "counter",
+        "wsgi_llama_engine_steps_total": "counter",
+        "wsgi_llama_engine_step_tokens_total": "counter",
+        "wsgi_llama_engine_step_sequences_total": "counter",
+        "wsgi_llama_engine_decode_seconds_total": "counter",
+        "wsgi_llama_prompt_reused_tokens_total": "counter",
+        "wsgi_llama_engine_aborted_steps_total": "counter",
     }
 
 
@@ -308,11 +399,15 @@ def test_two_workers_add_up(two_workers: LiveServer) -> None:
         if made >= 10 and counted == set(workers):
             break
     assert counted == set(workers), f"one worker served all {made} requests"
+    time.sleep(2 * REFRESH)  # the engines' counters reach the files each second
     after = scrape_live(two_workers)
     route = {"route": COMPLETIONS, "status": "200"}
     assert value(after, REQUESTS, **route) - value(before, REQUESTS, **route) == made
     tiny = {"model": "tiny"}
     assert value(after, TOKENS, **tiny) - value(before, TOKENS, **tiny) == 3 * made
+    gained = engine_gains(before, after)
+    assert gained["batched_generations"] == made
+    assert gained["engine_steps"] == 3 * made  # one after another: 3 steps each
     # Every scrape counts too, whichever worker answered it.
     scrapes = {"route": "/metrics", "status": "200"}
     assert value(after, REQUESTS, **scrapes) - value(before, REQUESTS, **scrapes) == 1

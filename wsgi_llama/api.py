@@ -227,7 +227,10 @@ def completions() -> Response:
             responses.completion,
         )
 
-    if model.engine is None or echo or body.suffix is not None:
+    if model.engine is None:
+        return one_at_a_time()
+    if echo or body.suffix is not None:
+        _unbatched(model, "it asks for echo" if echo else "it has a suffix")
         return one_at_a_time()
     batched = {**kwargs, "prompt": tokens}
     return _batched(
@@ -319,9 +322,7 @@ def _templates_only(handler: Callable[..., Any]) -> bool:
 
 def _unbatched(model: Model, why: str) -> None:
     assert model.engine is not None
-    model.engine.stats["exclusive_requests"] = (
-        model.engine.stats.get("exclusive_requests", 0) + 1
-    )
+    model.engine.stats["exclusive_requests"] += 1
     log.info("model %r: a request runs one at a time: %s", model.alias, why)
 
 

@@ -369,13 +369,18 @@ class Engine:
         self.calls = CallQueue(self._call_waiting)
         #: Finished sequences' cells, in host memory (bytes; 0: none kept).
         self.cache = PromptCache(prompt_cache) if prompt_cache > 0 else None
-        #: Counters for logs and metrics.
-        self.stats = {
-            "batched": 0,
-            "exclusive": 0,
+        #: Counters for logs and metrics (``/metrics`` reads them).
+        self.stats: dict[str, float] = {
+            "batched": 0,  # generations submitted
+            "exclusive": 0,  # whole-context tickets
+            "exclusive_requests": 0,  # generations the engine could not take
             "aborted_steps": 0,
-            "reused": 0,
+            "reused": 0,  # prompt tokens not evaluated: held or restored
             "restored": 0,
+            "steps": 0,  # decodes that succeeded
+            "step_tokens": 0,  # tokens they carried
+            "step_sequences": 0,  # sequences they carried
+            "decode_seconds": 0.0,  # time they took
         }
 
     # --- the requests' side ----------------------------------------------------
@@ -762,10 +767,14 @@ class Engine:
         self._wake_all()
         started, cpu = time.perf_counter(), time.process_time()
         status = llama_cpp.llama_decode(self._ctx, batch.struct())
-        if status == 0 and len(chunks) == len(generating):
-            self._tuner.record(
-                batch.n, time.perf_counter() - started, time.process_time() - cpu
-            )
+        took, cpu = time.perf_counter() - started, time.process_time() - cpu
+        if status == 0:
+            self.stats["steps"] += 1
+            self.stats["step_tokens"] += batch.n
+            self.stats["step_sequences"] += len(chunks)
+            self.stats["decode_seconds"] += took
+            if len(chunks) == len(generating):
+                self._tuner.record(batch.n, took, cpu)
         self._in_flight = []
         if status != 0:
             for sequence, _ in chunks:  # llama.cpp keeps none of a failed batch

@@ -41,6 +41,42 @@ _DURATIONS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 1
 _FIRST_TOKEN = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 _ERROR_EVENT = b'data: {"error":'
+#: (``Engine.stats`` key, counter, help): what continuous batching does.
+_ENGINE_COUNTERS = (
+    ("batched", "wsgi_llama_batched_generations", "Generations batched on the engine."),
+    (
+        "exclusive_requests",
+        "wsgi_llama_unbatched_generations",
+        "Generations the engine could not take (echo, suffix, logits processors, "
+        "tool-call handlers): each ran alone, holding the whole model.",
+    ),
+    ("steps", "wsgi_llama_engine_steps", "The engine's llama_decode calls."),
+    (
+        "step_tokens",
+        "wsgi_llama_engine_step_tokens",
+        "Tokens its steps carried: prompt chunks and generated tokens.",
+    ),
+    (
+        "step_sequences",
+        "wsgi_llama_engine_step_sequences",
+        "Sequences its steps carried; per step, the batch's mean width.",
+    ),
+    (
+        "decode_seconds",
+        "wsgi_llama_engine_decode_seconds",
+        "Time in llama_decode; per second of wall time, how busy the model is.",
+    ),
+    (
+        "reused",
+        "wsgi_llama_prompt_reused_tokens",
+        "Prompt tokens not evaluated: a held or restored prefix served them.",
+    ),
+    (
+        "aborted_steps",
+        "wsgi_llama_engine_aborted_steps",
+        "Steps cut short for a client that went away.",
+    ),
+)
 #: Seconds between the background updates of the queue gauges.
 REFRESH = 1.0
 
@@ -129,6 +165,13 @@ class Metrics:
             ["route"],
             registry=registry,
         )
+        #: The batching engine's counters, by the key of ``Engine.stats``.
+        self.engine = {
+            key: Counter(name, doc, ["model"], registry=registry)
+            for key, name, doc in _ENGINE_COUNTERS
+        }
+        self._engine_seen: dict[int, dict[str, float]] = {}
+        self._engine_lock = threading.Lock()
 
     @classmethod
     def for_app(cls, enabled: bool) -> Metrics:
@@ -196,6 +239,26 @@ class Metrics:
             self.active.labels(model).set(queue.running)
             cache = getattr(queue, "cache", None)  # the engine's; no FIFO has one
             self.prompt_cache.labels(model).set(cache.size if cache else 0)
+            stats = getattr(queue, "stats", None)  # likewise
+            if stats is not None:
+                self._count_engine(queue, stats, model)
+
+    def _count_engine(self, queue: Queue, stats: dict[str, float], model: str) -> None:
+        """Add what the engine's counters gained since the last refresh.
+
+        The engine's thread only bumps numbers in a dict; the counters are
+        written here, from a request's greenlet or the refresher.
+        """
+        with self._engine_lock:
+            seen = self._engine_seen.setdefault(id(queue), {})
+            gains = {}
+            for key in self.engine:
+                now = stats.get(key, 0)
+                gains[key] = now - seen.get(key, 0)
+                seen[key] = now
+        for key, gain in gains.items():
+            if gain > 0:
+                self.engine[key].labels(model).inc(gain)
 
     def _refresh_in_background(self) -> None:
         """Start the refresher in this process (after a fork too), once."""
