@@ -23,6 +23,8 @@ from flask import Flask
 from test_streaming import check_framing, frames
 from tinymodel import FIRST_BYTE_ID
 
+import wsgi_llama.engine as engine_module
+from wsgi_llama.engine import KV_PAD
 from wsgi_llama.prompt_cache import common_prefix
 from wsgi_llama.threads import Signal
 
@@ -276,6 +278,37 @@ def test_a_long_prompt_moves_idle_sequences_to_the_prompt_cache(
     restored = engine.stats["restored"]
     post(app, COMPLETIONS, {"prompt": "Kept for later. " * 6 + "Now.", "max_tokens": 1})
     assert engine.stats["restored"] - restored >= kept["usage"]["prompt_tokens"]
+
+
+def test_an_idle_engine_moves_long_sequences_to_the_prompt_cache(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left in place, a long idle sequence's cells would make every later step
+    # attend over them; the move is made while nobody waits for it.
+    monkeypatch.setattr(engine_module, "MOVE_OUT_AFTER", 1.0)  # time to look first
+    app = make_app(LLAMA_PARALLEL=4, LLAMA_N_CTX=2048)
+    engine = engine_of(app)
+    long = {"prompt": "A long story. " * 80, "max_tokens": 8, "temperature": 0}
+    first = post(app, COMPLETIONS, long)
+    assert first["usage"]["prompt_tokens"] >= KV_PAD
+    # Long enough that sharing BOS with the long one is under a tenth of it.
+    short = {"prompt": "Short, but not that short.", "max_tokens": 4}
+    short = post(app, COMPLETIONS, short)
+    held = {len(slot.tokens) for slot in engine._slots}
+    assert max(held) >= KV_PAD  # just ended: still in place
+    deadline = time.monotonic() + 10
+    while any(len(slot.tokens) >= KV_PAD for slot in engine._slots):
+        assert time.monotonic() < deadline, "the long sequence stayed"
+        time.sleep(0.02)
+    # The short one stays for the next request that shares its prefix.
+    lengths = [len(slot.tokens) for slot in engine._slots if slot.tokens]
+    total = short["usage"]["prompt_tokens"] + short["usage"]["completion_tokens"]
+    assert lengths == [total - 1]
+    # The long one comes back from the cache, and reads as if never moved.
+    restored = engine.stats["restored"]
+    again = post(app, COMPLETIONS, long)
+    assert engine.stats["restored"] - restored >= KV_PAD
+    assert text(again) == text(first)
 
 
 def test_prompt_chunks_after_a_reused_prefix_end_on_the_kv_padding(

@@ -56,6 +56,9 @@ CACHE_MIN = 64
 #: llama.cpp attends over the KV cells up to the last used one, rounded up to
 #: a multiple of this (``llama_kv_cache::get_n_kv``).
 KV_PAD = 256
+#: Seconds the loop stays idle before it moves each idle sequence of
+#: :data:`KV_PAD` cells or more to the prompt cache; ``None``: never.
+MOVE_OUT_AFTER: float | None = 0.1
 
 
 class QueueFull(APIError):
@@ -491,6 +494,8 @@ class Engine:
     def _run(self) -> None:
         self.thread_id = native_id()
         lower_priority(self.nice)
+        moved = True  # nothing has run since the last move-out
+        idle_since = 0.0
         try:
             while not self._closed:
                 try:
@@ -499,10 +504,22 @@ class Engine:
                     busy = self._admit()
                     if busy:
                         self._step()
-                    else:
-                        self._tuner.pause()
-                        self._wake_all()
-                        self._wakeup.acquire(timeout=self._idle_timeout())
+                        moved, idle_since = False, 0.0
+                        continue
+                    self._tuner.pause()
+                    self._wake_all()
+                    timeout = self._idle_timeout()
+                    grace = MOVE_OUT_AFTER
+                    if not moved and grace is not None and self._worth_moving_out():
+                        now = time.monotonic()
+                        idle_since = idle_since or now
+                        left = idle_since + grace - now
+                        if left <= 0:
+                            self._move_out()
+                            moved = True
+                            continue
+                        timeout = min(timeout, left)
+                    self._wakeup.acquire(timeout=timeout)
                 except Exception:
                     log.exception("engine step failed")
                     self._fail_all(APIError("The model failed; try again.", 500))
@@ -522,6 +539,34 @@ class Engine:
         if self._woken:
             woken, self._woken = self._woken, []
             Signal.set_all(woken)
+
+    def _worth_moving_out(self) -> bool:
+        """Whether idle sequences hold enough cells to move them out while idle.
+
+        The next request then attends over its own cells only, as on
+        llama.cpp's server, which clears idle slots at every new task (into
+        its prompt cache); here the copy is made while nobody waits for it.
+        """
+        if self.cache is None or self._gate is not None:
+            return False
+        if self._active or self._waiting:
+            return False
+        return any(len(slot.tokens) >= KV_PAD for slot in self._slots)
+
+    def _move_out(self) -> None:
+        """Idle sequences of :data:`KV_PAD` cells or more to the prompt cache,
+        longest first, until a request arrives; shorter ones stay (their
+        prefixes serve the next requests at no cost), as do those the cache
+        cannot hold."""
+        assert self.cache is not None
+        for slot in sorted(self._slots, key=lambda s: len(s.tokens), reverse=True):
+            if self._waiting or len(slot.tokens) < KV_PAD:
+                break
+            if slot.owner is not None:
+                continue
+            self._save(slot)
+            if self.cache.covers(slot.tokens):
+                self._drop(slot, 0)
 
     def _idle_timeout(self) -> float:
         """How long the idle loop may sleep: until the first queue deadline."""
