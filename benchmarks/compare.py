@@ -96,7 +96,13 @@ SERVERS = ("wsgi-llama", "llama-cpp-python", "llama.cpp")
 
 
 class Prompts:
-    """Fresh prompts: each starts with its own counter, so no prefix is reused."""
+    """Fresh prompts that share no prefix but BOS.
+
+    Each starts with a word of its own (one token), then its counter. Until
+    2026-11-27 they started with one of eight names: a short prompt shared
+    BOS and the name (over a tenth of it) with a recent one, and wsgi-llama
+    reused those tokens.
+    """
 
     def __init__(self, model: Path) -> None:
         import llama_cpp
@@ -106,10 +112,24 @@ class Prompts:
         )
         self.counter = 0
         self.chapters: dict[int, int] = {}
+        self.words = self._first_words() or NAMES
+
+    def _first_words(self, wanted: int = 4096) -> list[str]:
+        """Capitalised words that are one token each, as many as *wanted*."""
+        words = []
+        for token in range(self.vocab.n_vocab()):
+            piece = self.vocab.detokenize([token]).decode("utf-8", "replace")
+            if not (4 <= len(piece) <= 9 and piece.isalpha() and piece.istitle()):
+                continue
+            if len(self.vocab.tokenize(piece.encode(), add_bos=False)) == 1:
+                words.append(piece)
+                if len(words) == wanted:
+                    break
+        return words if len(words) >= 256 else []
 
     def _opening(self) -> str:
         self.counter += 1
-        return f"{NAMES[self.counter % len(NAMES)]} {self.counter}"
+        return f"{self.words[self.counter % len(self.words)]} {self.counter}"
 
     def count(self, text: str) -> int:
         return len(self.vocab.tokenize(text.encode()))
