@@ -311,6 +311,21 @@ def test_an_idle_engine_moves_long_sequences_to_the_prompt_cache(
     assert text(again) == text(first)
 
 
+def test_a_short_prompt_sharing_only_bos_leaves_an_idle_sequence_be(
+    make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BOS is a tenth of a 10-token prompt, but not worth another
+    # conversation's cells while a sequence holding nothing is free.
+    monkeypatch.setattr(engine_module, "MOVE_OUT_AFTER", None)
+    app = make_app(LLAMA_PARALLEL=4, LLAMA_N_CTX=2048)
+    engine = engine_of(app)
+    post(app, COMPLETIONS, {"prompt": "A conversation. " * 4, "max_tokens": 4})
+    (held,) = [list(slot.tokens) for slot in engine._slots if slot.tokens]
+    short = post(app, COMPLETIONS, {"prompt": "Hi.", "max_tokens": 4})
+    assert short["usage"]["prompt_tokens"] <= 10
+    assert held in [slot.tokens for slot in engine._slots]
+
+
 def test_prompt_chunks_after_a_reused_prefix_end_on_the_kv_padding(
     batched: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:

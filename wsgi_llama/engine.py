@@ -655,7 +655,8 @@ class Engine:
         more (as llama.cpp's server chooses); else the least recently used.
 
         Sharing a few tokens (BOS, a name) is not worth another sequence's
-        cells: they may be the next turn of its conversation.
+        cells: they may be the next turn of its conversation. BOS alone never
+        is, however short the prompt.
         """
         free = [slot for slot in self._slots if slot.owner is None]
         if not free:
@@ -664,7 +665,9 @@ class Engine:
             ((common_prefix(s.tokens, prompt), s) for s in free),
             key=lambda pair: (pair[0], -pair[1].used),
         )
-        return best if 10 * shared >= len(prompt) else min(free, key=lambda s: s.used)
+        if shared > 1 and 10 * shared >= len(prompt):
+            return best
+        return min(free, key=lambda s: s.used)
 
     def _clear_memory(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
