@@ -495,7 +495,7 @@ class Engine:
         self.thread_id = native_id()
         lower_priority(self.nice)
         moved = True  # nothing has run since the last move-out
-        idle_since = 0.0
+        idle_since: float | None = None
         try:
             while not self._closed:
                 try:
@@ -504,7 +504,7 @@ class Engine:
                     busy = self._admit()
                     if busy:
                         self._step()
-                        moved, idle_since = False, 0.0
+                        moved, idle_since = False, None
                         continue
                     self._tuner.pause()
                     self._wake_all()
@@ -512,7 +512,8 @@ class Engine:
                     grace = MOVE_OUT_AFTER
                     if not moved and grace is not None and self._worth_moving_out():
                         now = time.monotonic()
-                        idle_since = idle_since or now
+                        if idle_since is None:
+                            idle_since = now
                         left = idle_since + grace - now
                         if left <= 0:
                             self._move_out()
@@ -547,9 +548,7 @@ class Engine:
         llama.cpp's server, which clears idle slots at every new task (into
         its prompt cache); here the copy is made while nobody waits for it.
         """
-        if self.cache is None or self._gate is not None:
-            return False
-        if self._active or self._waiting:
+        if self.cache is None or self._gate is not None or self._waiting:
             return False
         return any(len(slot.tokens) >= KV_PAD for slot in self._slots)
 
