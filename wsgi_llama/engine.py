@@ -556,13 +556,11 @@ class Engine:
         """Idle sequences of :data:`KV_PAD` cells or more to the prompt cache,
         longest first, until a request arrives; shorter ones stay (their
         prefixes serve the next requests at no cost), as do those the cache
-        cannot hold."""
+        cannot hold. Called only while idle: no slot has an owner."""
         assert self.cache is not None
         for slot in sorted(self._slots, key=lambda s: len(s.tokens), reverse=True):
             if self._waiting or len(slot.tokens) < KV_PAD:
                 break
-            if slot.owner is not None:
-                continue
             self._save(slot)
             if self.cache.covers(slot.tokens):
                 self._drop(slot, 0)
