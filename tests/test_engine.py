@@ -415,6 +415,80 @@ def test_prompts_that_do_not_fit_together_wait_their_turn(
     assert all(r["usage"]["prompt_tokens"] > 380 for r in results)
 
 
+def test_prompts_that_begin_alike_share_their_cells(
+    make_app: Callable[..., Flask],
+) -> None:
+    # Four requests that begin with the same ~600-token system prompt, in a
+    # 1024-token cache: evaluated once and shared, it lets all four run at
+    # once (evaluated four times, it would not fit twice), and each reads
+    # what it reads alone.
+    app = make_app(LLAMA_PARALLEL=4, LLAMA_N_CTX=1024)
+    engine = engine_of(app)
+    system = "Shared words before each question. " * 17
+    bodies = [
+        {"prompt": f"{system}Question {i}: why?", "max_tokens": 16, "temperature": 0}
+        for i in range(4)
+    ]
+    alone = []
+    for body in bodies:
+        engine._clear_memory()
+        alone.append(text(post(app, COMPLETIONS, body)))
+    engine._clear_memory()
+    before = dict(engine.stats)
+    results = together(*[lambda b=b: post(app, COMPLETIONS, b) for b in bodies])
+    gained = {key: engine.stats[key] - before[key] for key in before}
+    assert [text(r) for r in results] == alone
+    assert len(set(alone)) > 1
+    # The three that waited took the system prompt's cells (BOS included).
+    assert gained["shared"] >= 3 * (len(system) + 1)
+    evaluated = sum(r["usage"]["prompt_tokens"] + 15 for r in results)
+    assert gained["step_tokens"] == evaluated - gained["reused"]
+    # They ran side by side, not one after another.
+    assert gained["step_sequences"] >= 3 * gained["steps"]
+
+
+def test_a_sequence_that_leaves_takes_none_of_the_cells_it_shared(
+    batched: Flask,
+) -> None:
+    # The second of two requests with a common prefix takes the first's
+    # cells; the first is then dropped mid-stream, and its cells freed. The
+    # second must go on reading what it reads alone.
+    engine = engine_of(batched)
+    system = "Shared words before each question. " * 10
+    first = {"prompt": f"{system}First?", "max_tokens": 2000, "stream": True}
+    second = {"prompt": f"{system}Second?", "max_tokens": 80, "temperature": 0}
+    engine._clear_memory()
+    alone = text(post(batched, COMPLETIONS, second))
+    engine._clear_memory()
+    shared = engine.stats["shared"]
+    client = batched.test_client()
+
+    def until_data(response: Any) -> list[bytes]:
+        chunks = [next(response.response)]  # the ping that sends the headers
+        while not chunks[-1].startswith(b"data:"):
+            chunks.append(next(response.response))
+        return chunks
+
+    leader = client.post(COMPLETIONS, json=first, buffered=False)
+    until_data(leader)  # generating: the system prompt's cells are there
+    follower = client.post(COMPLETIONS, json={**second, "stream": True}, buffered=False)
+    chunks = until_data(follower)
+    assert engine.stats["shared"] - shared >= len(system)
+
+    def prompts() -> list[str]:
+        detokenize = engine.llama.detokenize
+        return [detokenize(s.request.prompt).decode() for s in list(engine._active)]
+
+    leader.close()
+    deadline = time.monotonic() + 10
+    while any(p.endswith("First?") for p in prompts()):
+        assert time.monotonic() < deadline
+    assert any(p.endswith("Second?") for p in prompts()), "ended before the other left"
+    chunks += list(follower.response)
+    events, _ = check_framing(frames(b"".join(chunks)))
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == alone
+
+
 def test_full_queue_is_a_503(make_app: Callable[..., Flask]) -> None:
     app = make_app(LLAMA_PARALLEL=2, LLAMA_QUEUE_SIZE=0)
     holders = [

@@ -190,6 +190,7 @@ ENGINE = (
     "engine_step_sequences",
     "engine_decode_seconds",
     "prompt_reused_tokens",
+    "prompt_shared_tokens",
 )
 
 
@@ -288,6 +289,7 @@ def test_exposition_names_follow_prometheus_conventions(metered: Flask) -> None:
         "wsgi_llama_engine_step_sequences_total": "counter",
         "wsgi_llama_engine_decode_seconds_total": "counter",
         "wsgi_llama_prompt_reused_tokens_total": "counter",
+        "wsgi_llama_prompt_shared_tokens_total": "counter",
         "wsgi_llama_engine_aborted_steps_total": "counter",
     }
 

@@ -53,6 +53,10 @@ ABORTABLE = 64
 #: back to gain fewer tokens than this: evaluating so few again costs about
 #: what the copy would.
 CACHE_MIN = 64
+#: A prompt whose next tokens another starting prompt will evaluate waits for
+#: it (and then shares its cells) when they are at least this many: fewer
+#: cost less than the step it would wait.
+SHARE_WAIT = 32
 #: llama.cpp attends over the KV cells up to the last used one, rounded up to
 #: a multiple of this (``llama_kv_cache::get_n_kv``).
 KV_PAD = 256
@@ -232,6 +236,19 @@ def chunk_end(start: int, end: int) -> int:
     return aligned if 2 * (aligned - start) >= end - start else end
 
 
+def distinct_cells(token_lists: list[list[int]]) -> int:
+    """How many KV cells *token_lists* take when common prefixes share cells.
+
+    The size of their prefix tree: each list in sorted order adds what it
+    does not share with the one before it.
+    """
+    total, previous = 0, []
+    for tokens in sorted(token_lists):
+        total += len(tokens) - common_prefix(previous, tokens)
+        previous = tokens
+    return total
+
+
 class _TokenView(SequenceABC):  # type: ignore[type-arg]
     """Prompt and generated tokens as one sequence, for stopping criteria."""
 
@@ -344,7 +361,13 @@ class Engine:
         self._ctx = llama._ctx.ctx
         self._vocab = llama._model.vocab
         self.n_vocab = llama.n_vocab()
-        self._n_swa = max(1, llama_cpp.llama_model_n_swa(llama._model.model))
+        model = llama._model.model
+        self._n_swa = max(1, llama_cpp.llama_model_n_swa(model))
+        # A recurrent state is the whole sequence's: no prefix of it to share.
+        self._shares = not (
+            llama_cpp.llama_model_is_recurrent(model)
+            or llama_cpp.llama_model_is_hybrid(model)
+        )
         self._lock = native_lock()
         self._wakeup = native_lock()
         self._wakeup.acquire()  # held: nothing to do; released: look again
@@ -380,6 +403,7 @@ class Engine:
             "aborted_steps": 0,
             "reused": 0,  # prompt tokens not evaluated: held or restored
             "restored": 0,
+            "shared": 0,  # of those, cells another sequence's prompt evaluated
             "steps": 0,  # decodes that succeeded
             "step_tokens": 0,  # tokens they carried
             "step_sequences": 0,  # sequences they carried
@@ -630,22 +654,19 @@ class Engine:
         """Whether *request*'s prompt, and room to generate, fit beside the others.
 
         The KV cache is shared: sequences that begin together must not fill
-        it halfway through their prompts. Idle slots' cached prefixes count as
-        free (they are dropped when the room is needed). With nothing else
-        running, a request always starts: it may have the whole context.
+        it halfway through their prompts. Prompts that begin alike share their
+        cells (see :meth:`_share`); idle slots' cached prefixes count as free
+        (they are dropped when the room is needed). With nothing else running,
+        a request always starts: it may have the whole context.
         """
         if not self._active and not starting:
             return True
-        busy = [s._slot for s in self._active] + [s for _, s in starting]
-        used = sum(len(s.tokens) for s in busy if s is not None)
-        used += sum(
-            len(s.request.prompt) - s._n_past + min(s.request.max_tokens or 64, 64)
-            for s in self._active
-        )
-        used += sum(len(s.request.prompt) + 64 for s, _ in starting)
-        keep = common_prefix(slot.tokens, request.prompt)
-        need = len(request.prompt) - keep + min(request.max_tokens or 64, 64)
-        return used + need <= self.n_ctx
+        plans = [max(s._slot.tokens, s.request.prompt, key=len) for s in self._active]
+        plans += [s.request.prompt for s, _ in starting] + [request.prompt]
+        requests = [s.request for s in self._active]
+        requests += [s.request for s, _ in starting] + [request]
+        room = sum(min(r.max_tokens or 64, 64) for r in requests)
+        return distinct_cells(plans) + room <= self.n_ctx
 
     def _free_slot(self, prompt: list[int]) -> _Slot | None:
         """The free slot sharing most with *prompt*, if that is a tenth of it or
@@ -675,26 +696,28 @@ class Engine:
         """Set up a sequence in its slot, keeping the prefix the slot already holds."""
         request = sequence.request
         prompt = request.prompt
-        memory = llama_cpp.llama_get_memory(self._ctx)
         keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
-        held = keep
-        if self.cache is not None:
-            keep = self._restore(slot, prompt, keep)
-        if keep > 0:
-            pos_min = llama_cpp.llama_memory_seq_pos_min(memory, slot.id)
-            # A sliding-window cache may have dropped cells the prefix needs.
-            if pos_min < 0 or pos_min > max(0, keep - self._n_swa):
-                keep = 0
+        if keep > 0 and not self._holds_window(slot, keep):
+            keep = 0
         self._drop(slot, keep)
-        if keep > held:
-            self.stats["restored"] += keep
+        sequence._slot = slot
+        sequence._n_past = keep
+        self._share(sequence)
+        if self.cache is not None:
+            held = sequence._n_past
+            keep = self._restore(slot, prompt, held)
+            if keep > held and not self._holds_window(slot, keep):
+                keep = 0
+            self._drop(slot, keep)
+            if keep > held:
+                self.stats["restored"] += keep
+            sequence._n_past = keep
+        keep = sequence._n_past
         if self.cache is not None and len(prompt) - keep > PREFILL_CHUNK:
             self._compact(slot)
         self.stats["reused"] += len(slot.tokens)
         self._make_room(len(prompt) - keep, slot)
         slot.used = time.monotonic()
-        sequence._slot = slot
-        sequence._n_past = keep
         try:
             sequence._sampler = Sampler(self.llama, request.params)
             sequence._detok = Detokenizer(self.llama, prompt[-4:])
@@ -704,17 +727,72 @@ class Engine:
             return
         self._active.append(sequence)
 
+    def _holds_window(self, slot: _Slot, end: int) -> bool:
+        """Whether *slot* holds the cells that tokens after its first *end*
+        attend to: a sliding-window cache may have dropped earlier ones."""
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        pos_min = llama_cpp.llama_memory_seq_pos_min(memory, slot.id)
+        return 0 <= pos_min <= max(0, end - self._n_swa)
+
     def _make_room(self, needed: int, keep: _Slot | None = None) -> None:
         """Drop idle slots' cached prefixes, oldest first, until *needed* cells fit."""
-        used = sum(len(slot.tokens) for slot in self._slots) + sum(
-            1 for s in self._active if s._pending is not None
-        )
         for slot in sorted(self._slots, key=lambda s: s.used):
-            if used + needed <= self.n_ctx:
+            if self._cells_used() + needed <= self.n_ctx:
                 return
             if slot.owner is None and slot is not keep and slot.tokens:
-                used -= len(slot.tokens)
                 self._drop(slot, 0)
+
+    def _cells_used(self) -> int:
+        pending = sum(1 for s in self._active if s._pending is not None)
+        return distinct_cells([slot.tokens for slot in self._slots]) + pending
+
+    def _share(self, sequence: Sequence) -> None:
+        """Give *sequence* the cells of its prompt's next tokens that another
+        slot holds, so that they are not evaluated again.
+
+        A cell of the unified KV cache may belong to several sequences: a
+        system prompt or a document that several requests begin with is
+        evaluated once (llama.cpp's server evaluates it in every slot).
+        """
+        slot = sequence._slot
+        assert slot is not None
+        if not self._shares:
+            return
+        prompt = sequence.request.prompt
+        start = shared = sequence._n_past
+        source = None
+        for other in self._slots:
+            n = min(common_prefix(other.tokens, prompt), len(prompt) - 1)
+            if other is not slot and n > shared:
+                source, shared = other, n
+        if source is None:
+            return
+        if not self._holds_window(source, shared) or (
+            start > 0 and not self._holds_window(slot, shared)
+        ):
+            return
+        memory = llama_cpp.llama_get_memory(self._ctx)
+        llama_cpp.llama_memory_seq_rm(memory, slot.id, start, -1)
+        llama_cpp.llama_memory_seq_cp(memory, source.id, slot.id, start, shared)
+        slot.tokens = prompt[:shared]
+        sequence._n_past = shared
+        self.stats["shared"] += shared - start
+
+    def _leader(self, sequence: Sequence) -> Sequence | None:
+        """An earlier sequence still evaluating the next :data:`SHARE_WAIT` or
+        more tokens of *sequence*'s prompt, if any: it waits to share them."""
+        if not self._shares:
+            return None
+        prompt = sequence.request.prompt
+        for other in self._active:
+            if other is sequence:
+                return None
+            if other._pending is not None:
+                continue
+            n = min(common_prefix(other.request.prompt, prompt), len(prompt) - 1)
+            if n - sequence._n_past >= SHARE_WAIT and other._n_past < n:
+                return other
+        return None
 
     def _drop(self, slot: _Slot, keep: int) -> None:
         """Free *slot*'s cells after its first *keep* tokens, saving it first."""
@@ -794,6 +872,11 @@ class Engine:
         for sequence in self._active:
             if sequence._pending is not None or budget <= 0:
                 continue
+            if self._leader(sequence) is not None:
+                continue
+            before = sequence._n_past
+            self._share(sequence)
+            self.stats["reused"] += sequence._n_past - before
             prompt = sequence.request.prompt
             end = sequence._n_past + budget
             if end < len(prompt):

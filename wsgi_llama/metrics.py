@@ -72,6 +72,12 @@ _ENGINE_COUNTERS = (
         "Prompt tokens not evaluated: a held or restored prefix served them.",
     ),
     (
+        "shared",
+        "wsgi_llama_prompt_shared_tokens",
+        "Of the reused prompt tokens, those whose KV cells another sequence "
+        "holds too (a system prompt that several requests begin with).",
+    ),
+    (
         "aborted_steps",
         "wsgi_llama_engine_aborted_steps",
         "Steps cut short for a client that went away.",
