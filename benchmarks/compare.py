@@ -41,6 +41,10 @@ Figures, per rep:
 - prefill: time to the one token of a request with a ~1.6k-token prompt;
 - wall time of 4 and of 8 concurrent 48-token streams, as many times per
   rep as the stream and paired the same way (with ``BareBatching``);
+- wall time and median TTFT of 4 concurrent 48-token streams whose prompts
+  begin with the same ~1k-token report (a system prompt, a shared document)
+  and end with questions of their own; not paired (the bare loop evaluates
+  every prompt whole);
 - 200 simultaneous short requests (8 tokens, not streamed): served, refused
   (503/429), other failures, wall time;
 - tokens/s of one stream with a CPU hog beside the server (a
@@ -54,8 +58,9 @@ Figures, per rep:
 - peak RSS (``VmHWM`` from /proc) of the serving process.
 
 Every prompt is new (its first words carry a counter), so no server reuses a
-prefix except where the chat measures it. All servers listen on 127.0.0.1 and
-everything started is stopped at the end, on errors too.
+prefix except where the chat and the shared prompt measure it. All servers
+listen on 127.0.0.1 and everything started is stopped at the end, on errors
+too.
 """
 
 from __future__ import annotations
@@ -152,6 +157,16 @@ class Prompts:
 
     def close(self) -> None:
         self.vocab.close()
+
+
+def shared_prompts(prompts: Prompts, n: int, target: int = 1000) -> list[str]:
+    """*n* prompts that begin with the same new report of about *target*
+    tokens (a system prompt, a document) and end with questions of their own."""
+    report = prompts.long(target)
+    return [
+        f"{report}\nQuestion {j + 1}: What does chapter {j + 1} say?\nAnswer:"
+        for j in range(n)
+    ]
 
 
 def _report(opening: str, chapters: int) -> str:
@@ -653,6 +668,13 @@ def measure_rep(
             f"{_pairs(figures[f'streams_{n}_ratios'])})"
         )
 
+    figures.update(shared_streams(url, client, prompts))
+    log(
+        f"{name}: 4 x 48-token streams after a shared {figures['shared_tokens']}"
+        f"-token prompt in {figures['shared_4']:.2f} s, {figures['shared_4_complete']}"
+        f" complete, median TTFT {_ms(figures['shared_4_ttft'])} ms"
+    )
+
     figures.update(chat(client, url, prompts, plan))
     log(
         f"{name}: chat TTFT turn 1 {_ms(figures['chat_ttft_1'])} ms, "
@@ -763,6 +785,23 @@ def concurrent_streams(
         f"direct_streams_{n}": statistics.median(bare),
         f"streams_{n}_complete": min(complete),
         f"streams_{n}_ratios": [a / b for a, b in zip(walls, bare, strict=True)],
+    }
+
+
+def shared_streams(url: str, client: httpx.Client, prompts: Prompts) -> dict[str, Any]:
+    """4 concurrent 48-token streams whose prompts share ~1k tokens.
+
+    Not paired with :class:`BareBatching`, which evaluates every prompt whole.
+    """
+    texts = shared_prompts(prompts, 4)
+    results, wall = together(4, lambda j: stream(client, url, texts[j], 48))
+    done = [r for r in results if isinstance(r, dict) and r.get("tokens") == 48]
+    ttfts = [r["ttft"] for r in done if r.get("ttft") is not None]
+    return {
+        "shared_tokens": prompts.count(texts[0]),
+        "shared_4": wall,
+        "shared_4_complete": len(done),
+        "shared_4_ttft": statistics.median(ttfts) if ttfts else None,
     }
 
 
@@ -908,7 +947,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "ttft", "tok_s", "prefill", "streams_4", "streams_8", "burst_served",
         "burst_refused", "burst_failed", "burst_wall", "hog_tok_s", "chat_ttft_1",
         "chat_ttft_2", "direct_ttft", "direct_tok_s", "direct_prefill",
-        "direct_streams_4", "direct_streams_8", "direct_burst_wall",
+        "direct_streams_4", "direct_streams_8", "direct_burst_wall", "shared_4",
+        "shared_4_ttft",
     ]  # fmt: skip
     summary = {key: _median(result, key) for key in keys}
     # Measures run several times per rep: over all their pairs.
@@ -1082,6 +1122,8 @@ def table(results: dict[str, dict[str, Any]], direct: dict[str, Any]) -> str:
         ("  in-process batched paired (s)", lambda n: _paired(data[n], "streams_4")),
         ("8 x 48-token streams (s)", lambda n: _cell(data[n], "streams_8", 2)),
         ("  in-process batched paired (s)", lambda n: _paired(data[n], "streams_8")),
+        ("4 streams, shared 1k prompt (s)", lambda n: _cell(data[n], "shared_4", 2)),
+        ("  median TTFT (ms)", lambda n: _cell(data[n], "shared_4_ttft", 0, 1000)),
         ("200 at once: served", lambda n: _cell(data[n], "burst_served", 0)),
         ("200 at once: refused", lambda n: _cell(data[n], "burst_refused", 0)),
         ("200 at once: wall (s)", lambda n: _cell(data[n], "burst_wall", 2)),

@@ -16,7 +16,10 @@ Per round and server (compare.py's measures and server settings):
 
 - one stream of 128 tokens after a short prompt: TTFT and tokens/s;
 - prefill: time to the one token of a ~1.6k-token prompt;
-- wall time of 4 and of 8 concurrent 48-token streams.
+- wall time of 4 and of 8 concurrent 48-token streams;
+- wall time of 4 concurrent 48-token streams whose prompts begin with the
+  same ~1k-token report (a system prompt, a shared document) and end with
+  questions of their own.
 
 For each measure it prints both medians and the ratio wsgi-llama /
 llama.cpp: the median over the rounds' pairs, its quartiles, and in how
@@ -46,6 +49,7 @@ from compare import (
     WsgiLlama,
     llama_server_args,
     report_header,
+    shared_prompts,
     stream,
     together,
 )
@@ -58,6 +62,7 @@ MEASURES = (
     ("prefill", "prefill 1.6k tokens, s", True),
     ("streams_4", "4 x 48-token streams, s", True),
     ("streams_8", "8 x 48-token streams, s", True),
+    ("shared_4", "4 x 48, shared 1k prompt, s", True),
 )
 
 
@@ -94,6 +99,14 @@ def one_round(
             return {f"streams_{n}": wall if whole else None}
 
         by_turns(streams, k)
+    texts = shared_prompts(prompts, 4)
+
+    def shared(url: str) -> dict[str, Any]:
+        results, wall = together(4, lambda j: stream(client, url, texts[j], 48))
+        whole = all(isinstance(r, dict) and r.get("tokens") == 48 for r in results)
+        return {"shared_4": wall if whole else None}
+
+    by_turns(shared, 4)
     return figures
 
 
@@ -124,18 +137,18 @@ def summarize(rounds: list[dict[str, dict[str, float | None]]]) -> dict[str, Any
 
 def table(summary: dict[str, Any]) -> str:
     lines = [
-        f"{'':26}{'wsgi-llama':>12}{'llama.cpp':>12}{'ratio':>8}"
+        f"{'':28}{'wsgi-llama':>12}{'llama.cpp':>12}{'ratio':>8}"
         f"{'quartiles':>14}   wsgi-llama better"
     ]
     for key, label, _ in MEASURES:
         s = summary.get(key)
         if s is None:
-            lines.append(f"{label:26}{'-':>12}")
+            lines.append(f"{label:28}{'-':>12}")
             continue
         scale = 1000 if key == "ttft" else 1
         digits = 1 if key in ("ttft", "tok_s") else 2
         lines.append(
-            f"{label:26}{s['wsgi-llama'] * scale:12.{digits}f}"
+            f"{label:28}{s['wsgi-llama'] * scale:12.{digits}f}"
             f"{s['llama.cpp'] * scale:12.{digits}f}{s['ratio']:8.3f}"
             f"{s['ratio_q1']:8.3f}-{s['ratio_q3']:.3f}"
             f"   {s['better']} of {s['pairs']}"
