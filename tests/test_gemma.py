@@ -4,7 +4,8 @@ What a new user would try first: the official ``openai`` client against
 ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``, streamed and
 not, every response checked against OpenAI's own schemas; and heartbeats
 (``: ping``) on a long prompt, which come while the prompt is processed, stop
-once tokens flow, and change nothing in the text.
+once tokens flow, and change nothing in the text. And in process, what
+Gemma's sliding-window cache does to sequences that share their cells.
 
 Gemma 3 270M is a base model whose GGUF has no chat template, so chat goes
 through llama-cpp-python's fallback format: the tests check the shape of chat
@@ -14,6 +15,7 @@ answers, not their content.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +26,8 @@ import openai
 import pytest
 from conftest import LiveServer
 from openai_schema import validate
+
+from wsgi_llama import create_app
 
 pytestmark = pytest.mark.gemma
 
@@ -292,3 +296,54 @@ def test_long_prompt_heartbeats_only_before_the_first_token(
     assert raw.startswith(b"data: {") and raw.endswith(b"data: [DONE]\n\n")
     assert not any(line.startswith(b":") for line in raw.split(b"\n"))
     assert quiet_text == text
+
+
+def test_questions_on_one_document_read_the_shared_cells_as_their_own(
+    gemma_model: Path,
+) -> None:
+    # Gemma's KV cache has sliding-window layers beside the global ones. Four
+    # questions after the same document, at once: three take its cells from
+    # the first, and each reads what it reads alone. Without the document's
+    # cells, three of the four answered ":" instead of " 1" here.
+    app = create_app(
+        {"LLAMA_MODEL": str(gemma_model), "LLAMA_PARALLEL": 4, "LLAMA_N_THREADS": 1}
+    )
+    app.testing = True
+    (model,) = app.extensions["wsgi_llama"].pool.models.values()
+    engine = model.engine
+    document = long_prompt(6)
+    bodies = [
+        {
+            "prompt": f"{document}\nQuestion: Which chapter is about {topic}?\n"
+            "Answer: Chapter",
+            "max_tokens": 2,
+            "temperature": 0,
+        }
+        for topic in TOPICS[1:5]
+    ]
+
+    def answer(body: dict[str, Any]) -> str:
+        response = app.test_client().post("/v1/completions", json=body)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return response.json["choices"][0]["text"]  # type: ignore[index]
+
+    alone = []
+    for body in bodies:
+        engine._clear_memory()
+        alone.append(answer(body))
+    engine._clear_memory()
+    shared = engine.stats["shared"]
+    barrier = threading.Barrier(len(bodies))
+    answers: list[str] = [""] * len(bodies)
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        answers[i] = answer(bodies[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == alone
+    assert engine.stats["shared"] - shared >= 3 * 300
