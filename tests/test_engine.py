@@ -17,9 +17,11 @@ from typing import Any
 
 import httpx
 import llama_cpp
+import openai
 import pytest
 from conftest import LiveServer
 from flask import Flask
+from openai_schema import validate
 from test_streaming import check_framing, frames
 from tinymodel import FIRST_BYTE_ID
 
@@ -489,6 +491,86 @@ def test_a_sequence_that_leaves_takes_none_of_the_cells_it_shared(
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == alone
 
 
+def test_choices_share_their_prompt_and_differ_by_seed(batched: Flask) -> None:
+    # n choices are n sequences: the prompt is evaluated once, choice i
+    # samples with seed + i, and the prompt is counted once in the usage.
+    engine = engine_of(batched)
+    messages = [{"role": "user", "content": "Say something. " * 20}]
+    body = {"messages": messages, "max_tokens": 12, "seed": 11, "temperature": 1}
+    shared = engine.stats["shared"]
+    result = post(batched, CHAT, {**body, "n": 3})
+    validate(result, "CreateChatCompletionResponse")
+    assert [c["index"] for c in result["choices"]] == [0, 1, 2]
+    assert engine.stats["shared"] - shared >= 2 * len("Say something. " * 20)
+    texts = [c["message"]["content"] for c in result["choices"]]
+    assert len(set(texts)) > 1
+    for i, text_ in enumerate(texts):
+        alone = post(batched, CHAT, {**body, "seed": 11 + i})
+        assert text(alone) == text_
+    usage = result["usage"]
+    assert usage["prompt_tokens"] == alone["usage"]["prompt_tokens"]
+    assert usage["completion_tokens"] == 36
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 36
+
+
+def test_choices_stream_interleaved_under_one_id(batched: Flask) -> None:
+    body = {
+        "prompt": "Streams of choices",
+        "max_tokens": 10,
+        "n": 2,
+        "seed": 3,
+        "temperature": 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = batched.test_client().post(COMPLETIONS, json=body)
+    assert response.status_code == 200
+    events, _ = check_framing(frames(response.get_data()))
+    *chunks, last = events
+    assert {c["id"] for c in events} == {events[0]["id"]}
+    assert {len(c["choices"]) for c in chunks} == {1}
+    by_index: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+    for chunk in chunks:
+        (choice,) = chunk["choices"]
+        by_index[choice["index"]].append(choice)
+    order = [c["choices"][0]["index"] for c in chunks]
+    assert order[: len(order) // 2] != [0] * (len(order) // 2), "one after the other"
+    whole = post(batched, COMPLETIONS, {**body, "stream": False})
+    for i, choices in by_index.items():
+        assert [c["finish_reason"] for c in choices][-1] == "length"
+        assert all(c["finish_reason"] is None for c in choices[:-1])
+        assert "".join(c["text"] for c in choices) == text_of_choice(whole, i)
+    assert last["choices"] == []
+    assert last["usage"] == whole["usage"]
+    assert last["usage"]["completion_tokens"] == 20
+
+
+def text_of_choice(result: dict[str, Any], i: int) -> str:
+    (choice,) = [c for c in result["choices"] if c["index"] == i]
+    return choice["text"]  # type: ignore[no-any-return]
+
+
+def test_choices_need_the_engine(make_app: Callable[..., Flask]) -> None:
+    # One request at a time (LLAMA_PARALLEL=1), or a request the engine
+    # cannot take (echo), has no sequences to spread choices over.
+    single = make_app(LLAMA_PARALLEL=1).test_client()
+    batched_ = make_app(LLAMA_PARALLEL=2).test_client()
+    cases = [
+        (single, COMPLETIONS, {"prompt": "Hi", "n": 2}),
+        (single, CHAT, {"messages": [{"role": "user", "content": "Hi"}], "n": 2}),
+        (batched_, COMPLETIONS, {"prompt": "Hi", "n": 2, "echo": True}),
+        (batched_, COMPLETIONS, {"prompt": "Hi", "n": 17}),
+    ]
+    for client, path, body in cases:
+        response = client.post(path, json=body)
+        assert response.status_code == 400, response.get_data(as_text=True)
+        assert response.json["error"]["param"] == "n"  # type: ignore[index]
+    # More choices than sequences: they take turns, all answered.
+    result = batched_.post(COMPLETIONS, json={"prompt": "Hi", "n": 5, "max_tokens": 3})
+    assert result.status_code == 200
+    assert [c["index"] for c in result.json["choices"]] == [0, 1, 2, 3, 4]  # type: ignore[index]
+
+
 def test_full_queue_is_a_503(make_app: Callable[..., Flask]) -> None:
     app = make_app(LLAMA_PARALLEL=2, LLAMA_QUEUE_SIZE=0)
     holders = [
@@ -683,3 +765,25 @@ def test_a_cancelled_prompt_step_stops_mid_step(
     assert sequence.done and sequence.finish_reason is None
     # Without the abort the rest of the step (about 4/5 of it) came first.
     assert took < step / 2, (took, step)
+
+
+def test_openai_client_reads_several_choices_streamed_and_not(live: LiveServer) -> None:
+    # Under gunicorn's gevent worker, the official client reads streamed
+    # choices by their index, and they add up to the whole ones.
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Pick a word."}],
+        "max_tokens": 30,
+        "n": 3,
+        "seed": 9,
+        "temperature": 1,
+    }
+    whole = client.chat.completions.create(**body)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts: dict[int, str] = {0: "", 1: "", 2: ""}
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [texts[i] for i in range(3)] == [c.message.content for c in whole.choices]
+    assert len(set(texts.values())) > 1

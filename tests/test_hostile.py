@@ -405,7 +405,7 @@ SAMPLING: dict[str, Check] = {
     "seed": either(integer(0, 2**32 - 1), null),  # llama.cpp's seeds are uint32
     "logit_bias": either(logit_bias, null),
     "grammar": either(grammar, null),
-    "n": integer(1, 1),  # one choice per request
+    "n": integer(1, 16),  # each choice a sequence of the engine
     "stream": boolean,
     "stream_options": either(obj, null),  # unknown members are ignored
     "sse_ping_interval": either(number(high=3600), null),  # <= 0: off

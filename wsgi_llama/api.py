@@ -28,11 +28,12 @@ from werkzeug.exceptions import (
 )
 
 from . import errors, mounts, openapi, playground, responses, schemas, stream
-from .batched import EngineLlama, Pump, Unbatchable
+from .batched import Choices, EngineLlama, Pump, Unbatchable, merge_choices
 from .config import Settings
 from .errors import APIError
 from .mounts import EXTENSION, Server
 from .pool import Model, QueueTimeout
+from .threads import Signal
 
 #: Served without an API key: the health check, the playground's page and
 #: files (the page asks for the key and sends it with its API calls), and the
@@ -228,9 +229,14 @@ def completions() -> Response:
         )
 
     if model.engine is None:
+        if body.n > 1:
+            raise _n_unbatched("this model runs one request at a time")
         return one_at_a_time()
     if echo or body.suffix is not None:
-        _unbatched(model, "it asks for echo" if echo else "it has a suffix")
+        why = "it asks for echo" if echo else "it has a suffix"
+        if body.n > 1:
+            raise _n_unbatched(why)
+        _unbatched(model, why)
         return one_at_a_time()
     batched = {**kwargs, "prompt": tokens}
     return _batched(
@@ -287,6 +293,12 @@ def chat_completions() -> Response:
 
     handler = _chat_handler(model.llama)
     if model.engine is None or not _templates_only(handler):
+        if body.n > 1:
+            raise _n_unbatched(
+                "this model runs one request at a time"
+                if model.engine is None
+                else "its chat handler generates by itself"
+            )
         if model.engine is not None:
             _unbatched(model, "its chat handler generates by itself")
         return one_at_a_time()
@@ -318,6 +330,14 @@ def _templates_only(handler: Callable[..., Any]) -> bool:
     """
     name = getattr(handler, "__qualname__", "")
     return name.startswith("chat_formatter_to_chat_completion_handler.")
+
+
+def _n_unbatched(why: str) -> APIError:
+    """Several choices are sequences of the engine; this request cannot have them."""
+    return APIError(
+        f"n above 1 needs the batching engine (LLAMA_PARALLEL above 1), and {why}.",
+        param="n",
+    )
 
 
 def _unbatched(model: Model, why: str) -> None:
@@ -604,26 +624,43 @@ def _batched(
     """
     streaming = bool(body.stream)
     proxies: list[EngineLlama] = []
+    signal = Signal() if body.n > 1 else None
 
-    def generate(pump: Pump) -> Any:
-        llama = EngineLlama(
-            model, server.runner.call, pump.wait, server.settings.queue_timeout
-        )
-        proxies.append(llama)
-        result = run(llama, stream=streaming)
-        if not streaming:
-            return result
-        for chunk in result:
-            pump.emit(chunk)
-        return None
+    def generate_choice(choice: int) -> Callable[[Pump], Any]:
+        def generate(pump: Pump) -> Any:
+            llama = EngineLlama(
+                model,
+                server.runner.call,
+                pump.wait,
+                server.settings.queue_timeout,
+                signal,
+                choice,
+            )
+            proxies.append(llama)
+            result = run(llama, stream=streaming)
+            if not streaming:
+                return result
+            for chunk in result:
+                pump.emit(chunk)
+            return None
 
-    pump = Pump(generate)
+        return generate
+
+    pump: Pump | Choices
+    if body.n == 1:
+        pump = Pump(generate_choice(0))
+    else:
+        pump = Choices([Pump(generate_choice(i)) for i in range(body.n)])
     try:
         first = pump.step()
     except Unbatchable as exc:
+        pump.close()
+        if body.n > 1:
+            raise _n_unbatched(f"it needs {exc}") from None
         _unbatched(model, f"it needs {exc}")
         return one_at_a_time()
     except Exception as exc:
+        pump.close()
         raise llama_error(exc, model) from exc
     if streaming:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -636,13 +673,13 @@ def _batched(
         def final() -> dict[str, Any] | None:
             if not include_usage or not last:
                 return None
-            return responses.usage_chunk(last, proxies[0])  # type: ignore[arg-type]
+            return responses.usage_chunk(last, proxies)
 
         def counted() -> None:
-            for llama in proxies:
-                server.metrics.tokens(
-                    model.alias, llama.prompt_tokens, llama.completion_tokens
-                )
+            for i, llama in enumerate(proxies):
+                # The choices of one request share its prompt.
+                prompt = llama.prompt_tokens if i == 0 else 0
+                server.metrics.tokens(model.alias, prompt, llama.completion_tokens)
 
         generator = server.shutdown.watch(
             stream.pumped_events(
@@ -684,6 +721,8 @@ def _batched(
         raise llama_error(exc, model) from exc
     finally:
         pump.close()
+    if body.n > 1:
+        value = merge_choices(value)
     usage = value.get("usage") or {}
     server.metrics.tokens(
         model.alias, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)

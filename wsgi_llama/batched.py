@@ -23,6 +23,7 @@ import greenlet
 
 from .engine import Request, Sequence, Token, tokens_of
 from .sampling import SamplingParams
+from .threads import Signal
 
 
 class Unbatchable(Exception):
@@ -62,6 +63,95 @@ class Pump:
             self._child.throw(greenlet.GreenletExit)
 
 
+class Choices:
+    """The pumps of a request's *n* choices, run as one :class:`Pump`.
+
+    :meth:`step` returns each choice's items as they come, the choice's
+    ``index`` set and every chunk under the first one's id; ``("done",
+    results)`` once all have ended. Their sequences share one
+    :class:`~.threads.Signal`, so waiting for whichever comes next is one
+    wait, without polling.
+    """
+
+    def __init__(self, pumps: list[Pump]) -> None:
+        self._pumps = pumps
+        self._states: list[tuple[str, Any] | None] = [None] * len(pumps)
+        self._next = 0
+        self._id: tuple[Any, Any] | None = None
+
+    def step(self) -> tuple[str, Any]:
+        n = len(self._pumps)
+        waiting = []
+        for k in range(n):
+            i = (self._next + k) % n
+            kind, value = self._advance(i)
+            if kind == "item":
+                self._states[i] = None
+                self._next = (i + 1) % n  # the others' turn first
+                return ("item", self._indexed(i, value))
+            if kind == "wait":
+                waiting.append(value)
+        if waiting:
+            return ("wait", _AnyOf(waiting))
+        return ("done", [value for _, value in self._states])  # type: ignore[misc]
+
+    def _advance(self, i: int) -> tuple[str, Any]:
+        state = self._states[i]
+        while state is None or (state[0] == "wait" and state[1].ready()):
+            state = self._states[i] = self._pumps[i].step()
+        return state
+
+    def _indexed(self, i: int, chunk: dict[str, Any]) -> dict[str, Any]:
+        for choice in chunk.get("choices", []):
+            choice["index"] = i
+        if self._id is None:
+            self._id = (chunk.get("id"), chunk.get("created"))
+        chunk["id"], chunk["created"] = self._id
+        return chunk
+
+    def close(self) -> None:
+        for pump in self._pumps:
+            pump.close()
+
+
+class _AnyOf:
+    """Ready when any of *sequences* is; they share one signal."""
+
+    def __init__(self, sequences: list[Sequence]) -> None:
+        self._sequences = sequences
+
+    def ready(self) -> bool:
+        return any(sequence.ready() for sequence in self._sequences)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.ready():
+            return True
+        signal = self._sequences[0]._signal
+        signal.clear()
+        if self.ready():
+            return True
+        signal.wait(timeout)
+        return self.ready()
+
+
+def merge_choices(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One response of the choices' results: their choices in order, the
+    prompt counted once and the completions summed."""
+    merged = dict(results[0])
+    merged["choices"] = []
+    for i, result in enumerate(results):
+        for choice in result["choices"]:
+            merged["choices"].append({**choice, "index": i})
+    prompt = results[0]["usage"]["prompt_tokens"]
+    completion = sum(r["usage"]["completion_tokens"] for r in results)
+    merged["usage"] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    return merged
+
+
 def wait_blocking(sequence: Sequence) -> None:
     sequence.wait(None)
 
@@ -81,8 +171,13 @@ class EngineLlama:
         call: Callable[..., Any],
         wait: Callable[[Sequence], None] = wait_blocking,
         queue_timeout: float | None = None,
+        signal: Signal | None = None,
+        choice: int = 0,
     ) -> None:
         self._pool_model = model
+        self._signal = signal
+        # Choice i of a seeded request samples with seed + i: n choices differ.
+        self._choice = choice
         self._queue_timeout = queue_timeout
         self._llama = model.llama
         self._call = call
@@ -166,7 +261,7 @@ class EngineLlama:
             mirostat_mode=mirostat_mode,
             mirostat_tau=mirostat_tau,
             mirostat_eta=mirostat_eta,
-            seed=seed,
+            seed=None if seed is None else (seed + self._choice) % 2**32,
             logit_bias={int(k): float(v) for k, v in logit_bias.items()}
             if logit_bias
             else None,
@@ -181,7 +276,7 @@ class EngineLlama:
             criteria=stopping_criteria,
             queue_timeout=self._queue_timeout,
         )
-        sequence = self._pool_model.engine.submit(request)
+        sequence = self._pool_model.engine.submit(request, self._signal)
         self.sequence = sequence
         self.prompt_tokens = sequence.prompt_tokens
         shape = _Shape(model or self._llama.model_path, logprobs is not None)

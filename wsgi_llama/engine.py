@@ -88,9 +88,9 @@ class QueueTimeout(APIError):
 class _Waiter:
     """Something a request waits on and the loop's thread completes."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, signal: Signal | None = None) -> None:
         self.engine = engine
-        self._signal = Signal()
+        self._signal = signal or Signal()
         self.enqueued = time.monotonic()
 
     def ready(self) -> bool:
@@ -137,8 +137,10 @@ class Request:
 class Sequence(_Waiter):
     """One request's generation: its handle for the request, its state for the loop."""
 
-    def __init__(self, engine: Engine, request: Request) -> None:
-        super().__init__(engine)
+    def __init__(
+        self, engine: Engine, request: Request, signal: Signal | None = None
+    ) -> None:
+        super().__init__(engine, signal)
         self.request = request
         self.prompt_tokens = len(request.prompt)
         self.completion_tokens = 0
@@ -424,9 +426,13 @@ class Engine:
         if len(self._waiting) >= self.queue_size + max(0, free):
             raise QueueFull(self.alias)
 
-    def submit(self, request: Request) -> Sequence:
-        """Queue a generation; its :class:`Sequence` fills as the loop runs."""
-        sequence = Sequence(self, request)
+    def submit(self, request: Request, signal: Signal | None = None) -> Sequence:
+        """Queue a generation; its :class:`Sequence` fills as the loop runs.
+
+        Sequences given one *signal* (the choices of one request) wake whoever
+        waits on it whenever any of them has something new.
+        """
+        sequence = Sequence(self, request, signal)
         with self._lock:
             self._check_room()
             self._waiting.append(sequence)

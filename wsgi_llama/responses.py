@@ -95,13 +95,25 @@ def embeddings(result: dict[str, Any], encoding: str) -> dict[str, Any]:
     return result
 
 
-def usage_chunk(last: dict[str, Any], llama: Llama) -> dict[str, Any]:
-    """The extra last chunk ``stream_options.include_usage`` asks for."""
+def usage_chunk(last: dict[str, Any], llamas: Llama | list[Llama]) -> dict[str, Any]:
+    """The extra last chunk ``stream_options.include_usage`` asks for.
+
+    With several choices (one *llamas* each), the prompt is counted once.
+    """
+    if not isinstance(llamas, list):
+        llamas = [llamas]
+    counts = [usage(llama) for llama in llamas]
+    prompt = counts[0]["prompt_tokens"]
+    completion = sum(c["completion_tokens"] for c in counts)
     return {
         "id": last["id"],
         "object": last["object"],
         "created": last["created"],
         "model": last["model"],
         "choices": [],
-        "usage": usage(llama),
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
     }

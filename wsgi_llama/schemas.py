@@ -27,6 +27,9 @@ from .errors import APIError
 
 _TOKEN_ID = re.compile(r"-?[0-9]+")
 _TOKEN_DIGITS = 12  # longer ids are out of any vocabulary's range
+#: Choices per request (OpenAI's limit is 128): each is a sequence of the
+#: engine, and beyond LLAMA_PARALLEL (8 by default) they wait for each other.
+MAX_CHOICES = 16
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(strict=True)]
@@ -61,7 +64,8 @@ class Sampling(Body):
     seed: int | None = Field(default=None, ge=0, lt=2**32)
     logit_bias: dict[str, float] | None = None
     grammar: str | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    #: Choices, each a sequence of the engine sharing the prompt's cells.
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     sse_ping_interval: float | None = Field(default=None, le=3600)
