@@ -98,7 +98,8 @@ def embeddings(result: dict[str, Any], encoding: str) -> dict[str, Any]:
 def usage_chunk(last: dict[str, Any], llamas: Llama | list[Llama]) -> dict[str, Any]:
     """The extra last chunk ``stream_options.include_usage`` asks for.
 
-    With several choices (one *llamas* each), the prompt is counted once.
+    With several choices (one of *llamas* per choice), the prompt is counted
+    once.
     """
     if not isinstance(llamas, list):
         llamas = [llamas]
