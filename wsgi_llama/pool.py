@@ -61,7 +61,10 @@ class Llama(llama_cpp.Llama):
         params.kv_unified = True
         if swa_full is None:
             params.swa_full = True
-        old = self._ctx
+        # The old one goes first: both at once raised the process's peak (after
+        # a 1.4k-token prompt, Gemma 3 270M) from 577 to 695 MB with a context
+        # of 8192, and from 1029 to 1584 MB with 32768.
+        self._ctx.close()
         self._ctx = self._stack.enter_context(
             contextlib.closing(
                 internals.LlamaContext(
@@ -69,7 +72,6 @@ class Llama(llama_cpp.Llama):
                 )
             )
         )
-        old.close()
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         # Chat handlers call this too: remember the cap for generate().
