@@ -449,6 +449,25 @@ def test_prompts_that_begin_alike_share_their_cells(
     assert gained["step_sequences"] >= 3 * gained["steps"]
 
 
+def test_chats_with_one_system_prompt_share_it(batched: Flask) -> None:
+    # The chat template puts the system message first: concurrent chats that
+    # have the same one evaluate it once.
+    engine = engine_of(batched)
+    system = {"role": "system", "content": "Answer as a patient teacher would. " * 12}
+    bodies = [
+        {
+            "messages": [system, {"role": "user", "content": question}],
+            "max_tokens": 8,
+        }
+        for question in ("Why is the sky blue?", "What is a prime?", "Who am I?")
+    ]
+    engine._clear_memory()
+    shared = engine.stats["shared"]
+    results = together(*[lambda b=b: post(batched, CHAT, b) for b in bodies])
+    assert all(r["usage"]["completion_tokens"] > 0 for r in results)
+    assert engine.stats["shared"] - shared >= 2 * len(system["content"])
+
+
 def test_a_sequence_that_leaves_takes_none_of_the_cells_it_shared(
     batched: Flask,
 ) -> None:
