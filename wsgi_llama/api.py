@@ -28,12 +28,15 @@ from werkzeug.exceptions import (
 )
 
 from . import errors, mounts, openapi, playground, responses, schemas, stream
-from .batched import Choices, EngineLlama, Pump, Unbatchable, merge_choices
+from .batched import Choices, EngineLlama, Pump, Unbatchable
 from .config import Settings
 from .errors import APIError
 from .mounts import EXTENSION, Server
 from .pool import Model, QueueTimeout
 from .threads import Signal
+
+#: Why a request runs one at a time where the model has no engine.
+ALONE = "this model runs one request at a time"
 
 #: Served without an API key: the health check, the playground's page and
 #: files (the page asks for the key and sends it with its API calls), and the
@@ -229,15 +232,10 @@ def completions() -> Response:
         )
 
     if model.engine is None:
-        if body.n > 1:
-            raise _n_unbatched("this model runs one request at a time")
-        return one_at_a_time()
+        return _alone(model, body, ALONE, one_at_a_time)
     if echo or body.suffix is not None:
         why = "it asks for echo" if echo else "it has a suffix"
-        if body.n > 1:
-            raise _n_unbatched(why)
-        _unbatched(model, why)
-        return one_at_a_time()
+        return _alone(model, body, why, one_at_a_time)
     batched = {**kwargs, "prompt": tokens}
     return _batched(
         server,
@@ -293,15 +291,8 @@ def chat_completions() -> Response:
 
     handler = _chat_handler(model.llama)
     if model.engine is None or not _templates_only(handler):
-        if body.n > 1:
-            raise _n_unbatched(
-                "this model runs one request at a time"
-                if model.engine is None
-                else "its chat handler generates by itself"
-            )
-        if model.engine is not None:
-            _unbatched(model, "its chat handler generates by itself")
-        return one_at_a_time()
+        why = ALONE if model.engine is None else "its chat handler generates by itself"
+        return _alone(model, body, why, one_at_a_time)
     return _batched(
         server,
         body,
@@ -332,18 +323,25 @@ def _templates_only(handler: Callable[..., Any]) -> bool:
     return name.startswith("chat_formatter_to_chat_completion_handler.")
 
 
-def _n_unbatched(why: str) -> APIError:
-    """Several choices are sequences of the engine; this request cannot have them."""
-    return APIError(
-        f"n above 1 needs the batching engine (LLAMA_PARALLEL above 1), and {why}.",
-        param="n",
-    )
+def _alone(
+    model: Model,
+    body: schemas.Sampling,
+    why: str,
+    one_at_a_time: Callable[[], Response],
+) -> Response:
+    """Run a request the engine does not take one at a time, saying *why*.
 
-
-def _unbatched(model: Model, why: str) -> None:
-    assert model.engine is not None
-    model.engine.stats["exclusive_requests"] += 1
-    log.info("model %r: a request runs one at a time: %s", model.alias, why)
+    Several choices are sequences of the engine: ``n`` above 1 is a 400 here.
+    """
+    if body.n > 1:
+        raise APIError(
+            f"n above 1 needs the batching engine (LLAMA_PARALLEL above 1), and {why}.",
+            param="n",
+        )
+    if model.engine is not None:
+        model.engine.stats["exclusive_requests"] += 1
+        log.info("model %r: a request runs one at a time: %s", model.alias, why)
+    return one_at_a_time()
 
 
 def embeddings() -> Response:
@@ -655,10 +653,7 @@ def _batched(
         first = pump.step()
     except Unbatchable as exc:
         pump.close()
-        if body.n > 1:
-            raise _n_unbatched(f"it needs {exc}") from None
-        _unbatched(model, f"it needs {exc}")
-        return one_at_a_time()
+        return _alone(model, body, f"it needs {exc}", one_at_a_time)
     except Exception as exc:
         pump.close()
         raise llama_error(exc, model) from exc
@@ -673,7 +668,7 @@ def _batched(
         def final() -> dict[str, Any] | None:
             if not include_usage or not last:
                 return None
-            return responses.usage_chunk(last, proxies)
+            return responses.usage_chunk(last, proxies)  # type: ignore[arg-type]
 
         def counted() -> None:
             for i, llama in enumerate(proxies):
@@ -722,7 +717,7 @@ def _batched(
     finally:
         pump.close()
     if body.n > 1:
-        value = merge_choices(value)
+        value = responses.merge_choices(value)
     usage = value.get("usage") or {}
     server.metrics.tokens(
         model.alias, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
@@ -749,7 +744,7 @@ def _stream(
     def final() -> dict[str, Any] | None:
         if not include_usage or not last:
             return None
-        return responses.usage_chunk(last, model.llama)
+        return responses.usage_chunk(last, [model.llama])
 
     def counted() -> None:  # in the model's turn, once the generation ends
         llama = model.llama

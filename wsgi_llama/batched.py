@@ -134,24 +134,6 @@ class _AnyOf:
         return self.ready()
 
 
-def merge_choices(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One response of the choices' results: their choices in order, the
-    prompt counted once and the completions summed."""
-    merged = dict(results[0])
-    merged["choices"] = []
-    for i, result in enumerate(results):
-        for choice in result["choices"]:
-            merged["choices"].append({**choice, "index": i})
-    prompt = results[0]["usage"]["prompt_tokens"]
-    completion = sum(r["usage"]["completion_tokens"] for r in results)
-    merged["usage"] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-    return merged
-
-
 def wait_blocking(sequence: Sequence) -> None:
     sequence.wait(None)
 

@@ -95,26 +95,37 @@ def embeddings(result: dict[str, Any], encoding: str) -> dict[str, Any]:
     return result
 
 
-def usage_chunk(last: dict[str, Any], llamas: Llama | list[Llama]) -> dict[str, Any]:
-    """The extra last chunk ``stream_options.include_usage`` asks for.
-
-    With several choices (one of *llamas* per choice), the prompt is counted
-    once.
-    """
-    if not isinstance(llamas, list):
-        llamas = [llamas]
-    counts = [usage(llama) for llama in llamas]
-    prompt = counts[0]["prompt_tokens"]
-    completion = sum(c["completion_tokens"] for c in counts)
+def usage_chunk(last: dict[str, Any], llamas: list[Llama]) -> dict[str, Any]:
+    """The extra last chunk ``stream_options.include_usage`` asks for, with
+    one of *llamas* per choice."""
     return {
         "id": last["id"],
         "object": last["object"],
         "created": last["created"],
         "model": last["model"],
         "choices": [],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
+        "usage": total_usage([usage(llama) for llama in llamas]),
     }
+
+
+def total_usage(usages: list[dict[str, int]]) -> dict[str, int]:
+    """The usage of a request's choices: they share its prompt, counted once."""
+    prompt = usages[0]["prompt_tokens"]
+    completion = sum(u["completion_tokens"] for u in usages)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def merge_choices(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result of the choices' results, their choices in order."""
+    merged = dict(results[0])
+    merged["choices"] = [
+        {**choice, "index": i}
+        for i, result in enumerate(results)
+        for choice in result["choices"]
+    ]
+    merged["usage"] = total_usage([r["usage"] for r in results])
+    return merged
