@@ -784,21 +784,21 @@ class Engine:
         sequence._n_past = shared
         self.stats["shared"] += shared - start
 
-    def _leader(self, sequence: Sequence) -> Sequence | None:
-        """An earlier sequence still evaluating the next :data:`SHARE_WAIT` or
-        more tokens of *sequence*'s prompt, if any: it waits to share them."""
+    def _waits_to_share(self, sequence: Sequence) -> bool:
+        """Whether an earlier sequence is still evaluating the next
+        :data:`SHARE_WAIT` or more tokens of *sequence*'s prompt."""
         if not self._shares:
-            return None
+            return False
         prompt = sequence.request.prompt
         for other in self._active:
             if other is sequence:
-                return None
+                return False
             if other._pending is not None:
                 continue
             n = min(common_prefix(other.request.prompt, prompt), len(prompt) - 1)
             if n - sequence._n_past >= SHARE_WAIT and other._n_past < n:
-                return other
-        return None
+                return True
+        return False
 
     def _drop(self, slot: _Slot, keep: int) -> None:
         """Free *slot*'s cells after its first *keep* tokens, saving it first."""
@@ -878,7 +878,7 @@ class Engine:
         for sequence in self._active:
             if sequence._pending is not None or budget <= 0:
                 continue
-            if self._leader(sequence) is not None:
+            if self._waits_to_share(sequence):
                 continue
             before = sequence._n_past
             self._share(sequence)
