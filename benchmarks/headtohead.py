@@ -90,23 +90,21 @@ def one_round(
     by_turns(one_stream, 0)
     long = prompts.long(1600)
     by_turns(lambda url: {"prefill": stream(client, url, long, 1).get("ttft")}, 1)
-    for k, n in enumerate((4, 8), start=2):
-        texts = [prompts.stream(i) for i in range(n)]
 
-        def streams(url: str, n: int = n, texts: list[str] = texts) -> dict[str, Any]:
+    def walls(key: str, texts: list[str]) -> Callable[[str], dict[str, Any]]:
+        """The wall of concurrent 48-token streams on *texts*, as *key*."""
+
+        def measure(url: str) -> dict[str, Any]:
+            n = len(texts)
             results, wall = together(n, lambda j: stream(client, url, texts[j], 48))
             whole = all(isinstance(r, dict) and r.get("tokens") == 48 for r in results)
-            return {f"streams_{n}": wall if whole else None}
+            return {key: wall if whole else None}
 
-        by_turns(streams, k)
-    texts = shared_prompts(prompts, 4)
+        return measure
 
-    def shared(url: str) -> dict[str, Any]:
-        results, wall = together(4, lambda j: stream(client, url, texts[j], 48))
-        whole = all(isinstance(r, dict) and r.get("tokens") == 48 for r in results)
-        return {"shared_4": wall if whole else None}
-
-    by_turns(shared, 4)
+    for k, n in enumerate((4, 8), start=2):
+        by_turns(walls(f"streams_{n}", [prompts.stream(i) for i in range(n)]), k)
+    by_turns(walls("shared_4", shared_prompts(prompts, 4)), 4)
     # After these four, llama.cpp's server took 270-350 ms to the next first
     # token instead of 50-120 (its log put the time outside the prompt's
     # evaluation). One short request each, not measured, so that the next

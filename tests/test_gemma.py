@@ -15,7 +15,6 @@ answers, not their content.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import openai
 import pytest
 from conftest import LiveServer
 from openai_schema import validate
+from test_engine import together
 
 from wsgi_llama import create_app
 
@@ -333,17 +333,6 @@ def test_questions_on_one_document_read_the_shared_cells_as_their_own(
         alone.append(answer(body))
     engine._clear_memory()
     shared = engine.stats["shared"]
-    barrier = threading.Barrier(len(bodies))
-    answers: list[str] = [""] * len(bodies)
-
-    def ask(i: int) -> None:
-        barrier.wait()
-        answers[i] = answer(bodies[i])
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = together(*[lambda b=b: answer(b) for b in bodies])
     assert answers == alone
     assert engine.stats["shared"] - shared >= 3 * 300
